@@ -1,0 +1,227 @@
+"""Backward kernels of the fused PatchMerger and their launcher `patch_merger_backward`.
+
+Per batch element, with dy (M, D) and the forward's lse2 (M,), the gradients are
+    dp'[m,n] = sum_d dy[m,d] g[d] xhat[n,d]       (dp = dy @ xn^T minus the n-constant dy.b)
+    Delta'   = sum_n p dp' = sum_d dy (y - b)      (`_delta_kernel`, the softmax-backward preprocess)
+    ds       = p * (dp' - Delta')                  (the dy.b constant cancels between dp and Delta)
+    dxn      = p^T dy + scale * ds^T W             (N, D)
+    dW       = scale * g * (ds @ xhat)             (sum_n ds = 0 removes the bias term)
+    dg       = sum_n dxn * xhat,   db = sum_n dxn
+    dx       = r * (g dxn - mean_d(g dxn) - xhat * mean_d(g dxn xhat))
+The two row means of the LayerNorm backward come from per-(m, n) quantities of the score pass:
+    sum_d g dxn      = sum_m p a[m] + scale * sum_m ds cw[m]    a = dy @ g, cw = W @ g
+    sum_d g dxn xhat = sum_m p dp' + sum_m ds sn                 sn = the scores
+so each token block needs two sweeps over D, as in the forward: the shared score sweep
+(`common.token_block_scores`, which recomputes the LayerNorm statistics and scores exactly as the
+forward did) and one sweep that forms dxn tile by tile and writes dx at once.
+
+Weight gradients are reduced deterministically: each program accumulates its tokens into its own
+fp32 partial row (dW: (P, M, D), dg and db: (P, D)) and `torch.sum` over P finishes the job. No
+atomics anywhere, so gradients are bitwise identical from run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import heuristics
+from .common import (LOG2E, as_operand, load_vec, load_x_tile, normalize_tile, to_output,
+                     token_block_scores)
+from .forward import kernel_dtypes, split_hi_lo
+
+
+@triton.jit
+def _delta_kernel(
+    dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
+    y_ptr,                                        # y (B, M, D), contiguous
+    b_ptr,                                        # LayerNorm bias (D,)
+    delta_ptr,                                    # (B, M) ACC out
+    D, M,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+):
+    """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d])."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_in = offs_m < M
+    delta = tl.zeros((BLOCK_M,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        md_in = m_in[:, None] & (cols < D)[None, :]
+        dy = tl.load(dy_ptr + pid_b * stride_dyb + offs_m[:, None] * stride_dym
+                     + cols[None, :] * stride_dyd, mask=md_in, other=0.0).to(ACC)
+        y = tl.load(y_ptr + (pid_b * M + offs_m[:, None]) * D + cols[None, :], mask=md_in,
+                    other=0.0).to(ACC)
+        bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
+        delta += tl.sum(dy * (y - bias[None, :]), axis=1)
+    tl.store(delta_ptr + pid_b * M + offs_m, delta, mask=m_in)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,      # x (B, N, D), any strides
+    mask_ptr, stride_mb, stride_mn,               # key padding mask (B, N) uint8
+    w_ptr, stride_wm,                             # queries (M, D), unit stride along D
+    g_ptr,                                        # LayerNorm weight (D,)
+    dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
+    lse_ptr, delta_ptr,                           # (B, M) ACC: forward's lse2, Delta'
+    dx_ptr,                                       # (B, N, D) out, x's dtype, contiguous
+    dw_part_ptr,                                  # (P, M, D) ACC partial sum_n scale*ds*xhat
+    dg_part_ptr, db_part_ptr,                     # (P, D) ACC partial sums of dxn*xhat, dxn
+    N, D, M, tokens_per_split,
+    scale_hi, scale_lo, eps_hi, eps_lo,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+
+    x_ptr += pid_b * stride_xb
+    dy_ptr += pid_b * stride_dyb
+    dx_ptr += pid_b * N * D
+    row = pid_b * SPLIT + pid_s                   # this program's partial-sum row
+    dw_part_ptr += row * M * D
+    dg_part_ptr += row * D
+    db_part_ptr += row * D
+
+    offs_m = tl.arange(0, BLOCK_M)
+    m_in = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + pid_b * M + offs_m, mask=m_in, other=float("-inf"))
+    delta = tl.load(delta_ptr + pid_b * M + offs_m, mask=m_in, other=0.0)
+
+    n_start = pid_s * tokens_per_split
+    n_end = tl.minimum(N, n_start + tokens_per_split)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_in = offs_n < n_end
+        valid = n_in
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
+            valid = valid & (keep != 0)
+
+        mean, rstd, sn, dp, a, cw = token_block_scores(
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
+            offs_m, m_in, offs_n, n_in, D, scale, eps,
+            BLOCK_D, HAS_G, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
+        live = m_in[:, None] & valid[None, :]
+        p = tl.where(live, tl.exp2(sn * LOG2E - lse[:, None]), 0.0)
+        ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
+        # Row means of the LayerNorm backward (see the module docstring), for D columns at once.
+        mean_gdxn = (tl.sum(p * a[:, None], axis=0) + scale * tl.sum(ds * cw[:, None], axis=0)) / D
+        mean_gdxn_xhat = tl.sum(tl.where(live, p * dp + ds * sn, 0.0), axis=0) / D
+
+        p_t = tl.trans(as_operand(p, DOT_DTYPE, EMULATE_BF16))              # (BLOCK_N, BLOCK_M)
+        sds = as_operand(scale * ds, DOT_DTYPE, EMULATE_BF16)               # (BLOCK_M, BLOCK_N)
+        sds_t = tl.trans(sds)
+        not_first = n0 > n_start
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            d_in = cols < D
+            md_in = m_in[:, None] & d_in[None, :]
+            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
+            xhat = normalize_tile(x, mean, rstd, valid)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
+                         mask=md_in, other=0.0)
+            w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
+                        other=0.0)
+            dxn = tl.dot(p_t, as_operand(dy.to(ACC), DOT_DTYPE, EMULATE_BF16),
+                         input_precision=INPUT_PRECISION, out_dtype=ACC)
+            dxn = tl.dot(sds_t, as_operand(w.to(ACC), DOT_DTYPE, EMULATE_BF16), dxn,
+                         input_precision=INPUT_PRECISION, out_dtype=ACC)   # (BLOCK_N, BLOCK_D)
+
+            g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+            dx = rstd[:, None] * (dxn * g[None, :] - mean_gdxn[:, None]
+                                  - xhat * mean_gdxn_xhat[:, None])
+            dx = tl.where(valid[:, None], dx, 0.0)
+            tl.store(dx_ptr + offs_n[:, None] * D + cols[None, :],
+                     to_output(dx, dx_ptr.dtype.element_ty, EMULATE_BF16),
+                     mask=n_in[:, None] & d_in[None, :])
+
+            # Partial sums: the first token block of a program starts them from zero.
+            dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
+            dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
+            dw = tl.dot(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw,
+                        input_precision=INPUT_PRECISION, out_dtype=ACC)
+            tl.store(dw_ptrs, dw, mask=md_in)
+            if NEED_DG:
+                dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
+                tl.store(dg_part_ptr + cols, dg + tl.sum(dxn * xhat, axis=0), mask=d_in)
+            if NEED_DB:
+                db = tl.load(db_part_ptr + cols, mask=d_in & not_first, other=0.0)
+                tl.store(db_part_ptr + cols, db + tl.sum(dxn, axis=0), mask=d_in)
+
+    if n_start >= n_end:
+        # A program with no tokens still owns a partial row: make it zero.
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            d_in = cols < D
+            zeros = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+            tl.store(dw_part_ptr + offs_m[:, None] * D + cols[None, :], zeros,
+                     mask=m_in[:, None] & d_in[None, :])
+            if NEED_DG:
+                tl.store(dg_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
+            if NEED_DB:
+                tl.store(db_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
+
+
+def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask=None,
+                          config=None):
+    """Gradients of the fused op. dy (B, M, D) and x (B, N, D) may have any strides; y and lse are
+    the forward's outputs. Returns (dx (B, N, D), dqueries (M, D), dweight or None, dbias or None)
+    in the dtypes of x, queries, weight and bias."""
+    bsz, n, d = x.shape
+    m = queries.shape[0]
+    cfg = config or heuristics.backward_config(bsz, n, d, m, x.dtype, x.device)
+    dot_dtype, emulate, acc_tl, acc_torch = kernel_dtypes(x.dtype)
+    dev = x.device
+    queries = queries.contiguous()
+    w = weight if weight is not None else queries
+    b = bias if bias is not None else queries
+    y = y.contiguous()
+
+    delta = torch.empty((bsz, m), dtype=acc_torch, device=dev)
+    _delta_kernel[(bsz,)](
+        dy, *dy.stride(), y, b, delta, d, m,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_B=bias is not None, ACC=acc_tl,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+
+    split = max(1, min(cfg.split, triton.cdiv(n, cfg.block_n)))
+    tokens_per_split = triton.cdiv(triton.cdiv(n, split), cfg.block_n) * cfg.block_n
+    parts = bsz * split
+    dx = torch.empty((bsz, n, d), dtype=x.dtype, device=dev)
+    dw_part = torch.empty((parts, m, d), dtype=acc_torch, device=dev)
+    dg_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if weight is not None else delta
+    db_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if bias is not None else delta
+    mk = mask.view(torch.uint8) if mask is not None else x
+    mk_strides = mask.stride() if mask is not None else (0, 0)
+    scale_hi, scale_lo = split_hi_lo(scale)
+    eps_hi, eps_lo = split_hi_lo(eps)
+
+    _backward_kernel[(bsz, split)](
+        x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
+        dy, *dy.stride(), lse, delta, dx, dw_part, dg_part, db_part,
+        n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
+        SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        HAS_MASK=mask is not None, HAS_G=weight is not None,
+        NEED_DG=weight is not None, NEED_DB=bias is not None,
+        DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
+        INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # Deterministic final reductions over the P partial rows (fixed order, no atomics).
+    dw = dw_part.sum(0)
+    if weight is not None:
+        dw = dw * weight.to(acc_torch)
+    dq = dw.to(queries.dtype)
+    dg = dg_part.sum(0).to(weight.dtype) if weight is not None else None
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dq, dg, db

@@ -1,0 +1,178 @@
+"""`@triton.jit` helpers shared by the forward and the backward kernels.
+
+The one piece of math both directions need is the *score pass* over a block of tokens: the
+LayerNorm statistics of each token and the scores s = scale * (W*g) @ xhat^T. Forward and
+backward call the same helper (`token_block_scores`) so the backward recomputes exactly the
+scores whose log-sum-exp the forward saved: p = exp2(s2 - lse2) then sums to one to the last
+bit the arithmetic allows, and nothing of size N (no mean/rstd) has to be saved.
+
+Notation used in every kernel of the package (one batch element):
+    x (N, D)   W (M, D)   g, b (D,)
+    mu_n, r_n  mean and 1/sqrt(var + eps) of token n over D (fp32; fp64 for fp64 inputs)
+    xhat = (x - mu) * r,  xn = xhat * g + b
+    sn[m, n] = scale * sum_d W[m, d] g[d] xhat[n, d]     natural-unit scores
+    s2 = sn * log2(e)                                     base-2 scores (exp2 is the fast one)
+The bias term scale * W @ b is constant along the token axis and cancels in the softmax over N,
+so it is never computed; the saved log-sum-exp is that of s2 as defined here.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def round_to_bf16(v):
+    """Round fp32 `v` to the nearest bf16 (ties to even), returned as fp32.
+
+    Only used under TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates and whose bf16 dot
+    multiplies raw bits; there the bf16 operands are rounded with this and kept in fp32, which
+    reproduces the GPU's bf16 tensor-core numerics (exact products, fp32 accumulation)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = bits & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def as_operand(v, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Cast an fp32 tile to the dtype fed to tl.dot (x's dtype: fp16/bf16 tensor cores, fp32 or
+    fp64). With EMULATE_BF16 (interpreter + bf16) the value is rounded but stays fp32."""
+    if EMULATE_BF16:
+        return round_to_bf16(v.to(tl.float32))
+    else:
+        return v.to(DOT_DTYPE)
+
+
+@triton.jit
+def to_output(v, OUT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Cast an fp32 result for storing into an OUT_DTYPE tensor, rounding to nearest-even."""
+    if EMULATE_BF16:
+        return round_to_bf16(v.to(tl.float32)).to(OUT_DTYPE)
+    else:
+        return v.to(OUT_DTYPE)
+
+
+@triton.jit
+def precise_sqrt(v, ACC: tl.constexpr):
+    """Correctly rounded square root (tl.sqrt is the approximate one for fp32)."""
+    if ACC == tl.float64:
+        return tl.sqrt(v)
+    else:
+        return tl.sqrt_rn(v)
+
+
+@triton.jit
+def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC: tl.constexpr):
+    """x[offs_n, offs_d] of one batch element as an ACC tile (BLOCK_N, BLOCK_D); 0 outside."""
+    d_in = offs_d < D
+    ptrs = x_ptr + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
+    return tl.load(ptrs, mask=n_in[:, None] & d_in[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def load_vec(ptr, offs, n, HAS: tl.constexpr, DEFAULT: tl.constexpr, ACC: tl.constexpr):
+    """A (D,) parameter slice (LayerNorm weight or bias) as ACC, or DEFAULT when it is None."""
+    if HAS:
+        return tl.load(ptr + offs, mask=offs < n, other=0.0).to(ACC)
+    else:
+        return tl.full(offs.shape, DEFAULT, ACC)
+
+
+@triton.jit
+def normalize_tile(x, mean, rstd, valid):
+    """xhat = (x - mu) * r for a (BLOCK_N, BLOCK_D) tile; exactly 0 for tokens that are masked
+    or out of range, so garbage (even inf/NaN) in a padded token never leaks through p * xhat."""
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    return tl.where(valid[:, None], xhat, 0.0)
+
+
+@triton.jit
+def softmax_normalizers(m, l):
+    """From a softmax state (running max m, sum l; base 2) return (1/l, [l > 0], lse2).
+    A row that saw no unmasked token (l = 0) gets 1/l := 0 and lse2 := -inf, so its output is
+    exactly 0 and its backward weights exp2(s2 - lse2) are masked to 0, never NaN."""
+    nonempty = l > 0
+    safe_l = tl.where(nonempty, l, 1.0)
+    inv_l = tl.where(nonempty, 1.0 / safe_l, 0.0)
+    lse = tl.where(nonempty, m + tl.log2(safe_l), float("-inf"))
+    return inv_l, tl.where(nonempty, 1.0, 0.0), lse
+
+
+@triton.jit
+def token_block_scores(
+    x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
+    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
+    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
+    dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D) (read when WITH_DY)
+    offs_m, m_in, offs_n, n_in, D,
+    scale, eps,
+    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One sweep over D for a block of tokens: LayerNorm statistics and the scores.
+
+    Returns (mean, rstd, sn, dp, a, cw), with shapes (BLOCK_N,), (BLOCK_N,), (BLOCK_M, BLOCK_N),
+    (BLOCK_M, BLOCK_N), (BLOCK_M,), (BLOCK_M,):
+        sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d]
+        dp[m, n] = sum_d dy[m,d] g[d] xhat[n,d]          (WITH_DY; the backward's dp minus dy.b)
+        a[m]     = sum_d dy[m,d] g[d]                     (WITH_DY)
+        cw[m]    = sum_d W[m,d] g[d]                      (WITH_DY)
+
+    Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
+    x shifted by k_n, the mean of the token's first D tile, and the shift is undone at the end:
+        sum_d A[m,d] xhat[n,d] = r_n * (sum_d A[m,d] (x[n,d] - k_n) - (mu_n - k_n) * sum_d A[m,d]).
+    The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is within a few
+    standard deviations of mu_n (it is the mean of BLOCK_D of the token's own values), neither
+    form suffers the E[x^2] - E[x]^2 cancellation, even for mean 1e4 and std 1e-2: the values
+    that reach the dot are of the size of the spread, not of the offset. A[m,d] enters both
+    terms exactly as it enters the dot (rounded to DOT_DTYPE), so the correction is consistent.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    m_rows = offs_m[:, None]
+
+    x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
+    k = tl.sum(x0, axis=1) / tl.minimum(D, BLOCK_D)
+
+    s1 = tl.zeros_like(k)
+    s2 = tl.zeros_like(k)
+    acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
+    c_s = tl.zeros(offs_m.shape, dtype=ACC)
+    acc_dp = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
+    c_dp = tl.zeros(offs_m.shape, dtype=ACC)
+    a = tl.zeros(offs_m.shape, dtype=ACC)
+    cw = tl.zeros(offs_m.shape, dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        d_in = cols < D
+        x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
+        xk = tl.where(n_in[:, None] & d_in[None, :], x - k[:, None], 0.0)
+        s1 += tl.sum(xk, axis=1)
+        s2 += tl.sum(xk * xk, axis=1)
+        xk_t = tl.trans(as_operand(xk, DOT_DTYPE, EMULATE_BF16))
+
+        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+        md_in = m_in[:, None] & d_in[None, :]
+        w = tl.load(w_ptr + m_rows * stride_wm + cols[None, :], mask=md_in, other=0.0)
+        wg = as_operand(w.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
+        c_s += tl.sum(wg.to(ACC), axis=1)
+        acc_s = tl.dot(wg, xk_t, acc_s, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        if WITH_DY:
+            dy = tl.load(dy_ptr + m_rows * stride_dym + cols[None, :] * stride_dyd,
+                         mask=md_in, other=0.0).to(ACC)
+            dyg = as_operand(dy * g[None, :], DOT_DTYPE, EMULATE_BF16)
+            c_dp += tl.sum(dyg.to(ACC), axis=1)
+            acc_dp = tl.dot(dyg, xk_t, acc_dp, input_precision=INPUT_PRECISION,
+                            out_dtype=ACC)
+            a += tl.sum(dy * g[None, :], axis=1)
+            cw += tl.sum(w.to(ACC) * g[None, :], axis=1)
+
+    e1 = s1 / D                              # E[x - k]
+    var = tl.maximum(s2 / D - e1 * e1, 0.0)
+    mean = k + e1
+    rstd = 1.0 / precise_sqrt(var + eps, ACC)
+    sn = (scale * rstd[None, :]) * (acc_s - e1[None, :] * c_s[:, None])
+    dp = rstd[None, :] * (acc_dp - e1[None, :] * c_dp[:, None])
+    return mean, rstd, sn, dp, a, cw

@@ -1,0 +1,246 @@
+"""Forward kernels of the fused PatchMerger and their launcher `patch_merger_forward`.
+
+One program owns a range of tokens of one batch element (the whole axis unless the batch is too
+small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N tokens it
+  1. sweeps D once (`common.token_block_scores`): LayerNorm statistics and base-2 scores s2;
+  2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
+  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat.
+Sweep 2 re-reads the BLOCK_N x D slab that sweep 1 just brought on chip, so x comes from DRAM
+once. The accumulator acc (M x D fp32) is too big for registers at ViT widths, so between token
+blocks it lives in a per-program fp32 scratch row (L2-resident); when a program sees a single
+token block (N <= BLOCK_N, e.g. ViT-B/16's 197 tokens) no scratch is touched at all, and the
+last block writes y directly. y = g * acc / l + b, because sum_n p = 1.
+
+With split > 1, programs write their unnormalised (acc, m, l) partials and `_combine_kernel`
+merges them, rescaling each by exp2(m_s - max_s m_s).
+
+Saved for backward: only lse2 = m + log2(l) per (batch, query), fp32 (B, M). The backward
+recomputes mean/rstd and the scores in the same single sweep it needs anyway to form dp, so
+saving per-token statistics (8 bytes/token written here and read there) would buy nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import heuristics
+from .common import (LOG2E, as_operand, load_vec, load_x_tile, normalize_tile,
+                     softmax_normalizers, to_output, token_block_scores)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,     # x (B, N, D), any strides
+    mask_ptr, stride_mb, stride_mn,              # key padding mask (B, N) uint8, 1 = keep
+    w_ptr, stride_wm,                            # queries (M, D), unit stride along D
+    g_ptr, b_ptr,                                # LayerNorm weight / bias (D,)
+    y_ptr,                                       # (B, M, D) output, x's dtype   [split == 1]
+    lse_ptr,                                     # (B, M) ACC log2-sum-exp2      [split == 1]
+    acc_ptr,                                     # (B, split, M, D) ACC scratch / partials
+    ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [split > 1]
+    s_ptr,                                       # (B, M, N) ACC base-2 scores [RETURN_SCORES]
+    N, D, M, tokens_per_split,
+    scale_hi, scale_lo, eps_hi, eps_lo,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
+    RETURN_SCORES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    # scale and eps arrive as fp32 (hi, lo) pairs so fp64 runs keep them to fp64 precision.
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+
+    x_ptr += pid_b * stride_xb
+    offs_m = tl.arange(0, BLOCK_M)
+    m_in = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    row = pid_b * SPLIT + pid_s                      # this program's scratch row
+    acc_ptr += row * M * D
+
+    n_start = pid_s * tokens_per_split
+    n_end = tl.minimum(N, n_start + tokens_per_split)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_M,), ACC)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_in = offs_n < n_end
+        valid = n_in
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
+            valid = valid & (keep != 0)
+
+        mean, rstd, sn, _dp, _a, _cw = token_block_scores(
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0,
+            offs_m, m_in, offs_n, n_in, D, scale, eps,
+            BLOCK_D, HAS_G, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        s2 = tl.where(valid[None, :], sn * LOG2E, float("-inf"))
+        if RETURN_SCORES:
+            tl.store(s_ptr + (pid_b * M + offs_m[:, None]) * N + offs_n[None, :], s2,
+                     mask=m_in[:, None] & n_in[None, :])
+
+        # Online softmax over tokens. A row that has seen only masked tokens has m = -inf;
+        # subtracting 0 instead keeps exp2 at exp2(-inf) = 0 rather than exp2(nan).
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_base)
+        p = tl.exp2(s2 - m_base[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        p_op = as_operand(p, DOT_DTYPE, EMULATE_BF16)
+
+        not_first = n0 > n_start
+        last = n0 + BLOCK_N >= n_end
+        inv_l, has_tokens, _ = softmax_normalizers(m_i, l_i)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            md_in = m_in[:, None] & (cols < D)[None, :]
+            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
+            xhat = as_operand(normalize_tile(x, mean, rstd, valid), DOT_DTYPE, EMULATE_BF16)
+            pv = tl.dot(p_op, xhat, input_precision=INPUT_PRECISION, out_dtype=ACC)
+            # The first block of a program starts from acc = 0: the masked load reads nothing.
+            acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
+            acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0) * alpha[:, None] + pv
+            if SPLIT == 1:
+                if last:
+                    g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+                    bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
+                    y = acc * (inv_l[:, None] * g[None, :]) + has_tokens[:, None] * bias[None, :]
+                    y_ptrs = y_ptr + (pid_b * M + offs_m[:, None]) * D + cols[None, :]
+                    tl.store(y_ptrs, to_output(y, y_ptr.dtype.element_ty, EMULATE_BF16),
+                             mask=md_in)
+                else:
+                    tl.store(acc_ptrs, acc, mask=md_in)
+            else:
+                tl.store(acc_ptrs, acc, mask=md_in)
+
+    if SPLIT == 1:
+        _inv_l, _has, lse = softmax_normalizers(m_i, l_i)
+        tl.store(lse_ptr + pid_b * M + offs_m, lse, mask=m_in)
+    else:
+        # A split whose token range is empty stores (m, l) = (-inf, 0) and no acc: the combine
+        # kernel never reads the acc of a partial with l = 0.
+        tl.store(ml_ptr + row * 2 * M + offs_m, m_i, mask=m_in)
+        tl.store(ml_ptr + row * 2 * M + M + offs_m, l_i, mask=m_in)
+
+
+@triton.jit
+def _combine_kernel(
+    acc_ptr,          # (B, SPLIT, M, D) ACC partial accumulators
+    ml_ptr,           # (B, SPLIT, 2, M) ACC partial (max, sum)
+    g_ptr, b_ptr,     # (D,)
+    y_ptr,            # (B, M, D) output, x's dtype
+    lse_ptr,          # (B, M) ACC
+    D, M,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_B: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
+):
+    """y = g * sum_s exp2(m_s - m) acc_s / L + b,  L = sum_s exp2(m_s - m) l_s,  m = max_s m_s."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_in = offs_m < M
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md_in = m_in[:, None] & (cols < D)[None, :]
+    ml_ptr += pid_b * SPLIT * 2 * M
+    acc_ptr += pid_b * SPLIT * M * D
+
+    m_max = tl.full((BLOCK_M,), float("-inf"), ACC)
+    for s in range(SPLIT):
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + s * 2 * M + offs_m, mask=m_in,
+                                          other=float("-inf")))
+    m_base = tl.where(m_max == float("-inf"), 0.0, m_max)
+    big_l = tl.zeros((BLOCK_M,), ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    for s in range(SPLIT):
+        m_s = tl.load(ml_ptr + s * 2 * M + offs_m, mask=m_in, other=float("-inf"))
+        l_s = tl.load(ml_ptr + s * 2 * M + M + offs_m, mask=m_in, other=0.0)
+        w_s = tl.exp2(m_s - m_base)
+        big_l += w_s * l_s
+        part = tl.load(acc_ptr + (s * M + offs_m[:, None]) * D + cols[None, :],
+                       mask=md_in & (l_s > 0)[:, None], other=0.0)
+        acc += w_s[:, None] * part
+
+    g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+    bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
+    inv_l, has_tokens, lse = softmax_normalizers(m_max, big_l)
+    y = acc * (inv_l[:, None] * g[None, :]) + has_tokens[:, None] * bias[None, :]
+    tl.store(y_ptr + (pid_b * M + offs_m[:, None]) * D + cols[None, :],
+             to_output(y, y_ptr.dtype.element_ty, EMULATE_BF16), mask=md_in)
+    if pid_d == 0:
+        tl.store(lse_ptr + pid_b * M + offs_m, lse, mask=m_in)
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def kernel_dtypes(dtype: torch.dtype):
+    """(DOT_DTYPE, EMULATE_BF16, ACC, torch accumulator dtype) for inputs of `dtype`."""
+    emulate = dtype == torch.bfloat16 and heuristics.interpreting()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return _TL_DTYPE[dtype], emulate, _TL_DTYPE[acc], acc
+
+
+def split_hi_lo(v: float):
+    """v as two fp32 numbers whose fp64 sum is v to ~48 bits (Triton passes floats as fp32)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
+def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
+                         return_scores=False, config=None):
+    """Launch the fused forward on x (B, N, D) (any strides), queries (M, D), weight/bias (D,)
+    or None, mask (B, N) bool or None. Inputs are assumed validated (see `ops`).
+
+    Returns (y (B, M, D) in x's dtype, lse2 (B, M) fp32 (fp64 for fp64 x), scores2 or None)
+    where scores2 (B, M, N) are the base-2 masked scores when `return_scores`.
+    """
+    bsz, n, d = x.shape
+    m = queries.shape[0]
+    cfg = config or heuristics.forward_config(bsz, n, d, m, x.dtype, x.device)
+    dot_dtype, emulate, acc_tl, acc_torch = kernel_dtypes(x.dtype)
+
+    y = torch.empty((bsz, m, d), dtype=x.dtype, device=x.device)
+    lse = torch.empty((bsz, m), dtype=acc_torch, device=x.device)
+    scores = (torch.empty((bsz, m, n), dtype=acc_torch, device=x.device)
+              if return_scores else None)
+    split = max(1, min(cfg.split, triton.cdiv(n, cfg.block_n)))
+    tokens_per_split = triton.cdiv(triton.cdiv(n, split), cfg.block_n) * cfg.block_n
+    needs_scratch = split > 1 or n > cfg.block_n
+    acc = (torch.empty((bsz, split, m, d), dtype=acc_torch, device=x.device)
+           if needs_scratch else lse)
+    ml = (torch.empty((bsz, split, 2, m), dtype=acc_torch, device=x.device)
+          if split > 1 else lse)
+    queries = queries.contiguous()
+    w = weight if weight is not None else queries
+    b = bias if bias is not None else queries
+    mk = mask.view(torch.uint8) if mask is not None else x
+    mk_strides = mask.stride() if mask is not None else (0, 0)
+    scale_hi, scale_lo = split_hi_lo(scale)
+    eps_hi, eps_lo = split_hi_lo(eps)
+
+    _forward_kernel[(bsz, split)](
+        x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
+        y, lse, acc, ml, scores if scores is not None else lse,
+        n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
+        SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
+        RETURN_SCORES=return_scores, DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
+        INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        ccfg = heuristics.combine_config(d, m)
+        _combine_kernel[(bsz, triton.cdiv(d, ccfg.block_d))](
+            acc, ml, w, b, y, lse, d, m,
+            SPLIT=split, BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
+            HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
+            num_warps=ccfg.num_warps, num_stages=1,
+        )
+    return y, lse, scores

@@ -1,0 +1,263 @@
+"""The public functional op: validation, backend dispatch, autocast, and the `torch.library`
+registration that makes the Triton kernels a first-class, differentiable, compilable op.
+
+Dispatch rule (documented in the README):
+  * CUDA tensors run the Triton kernels.
+  * CPU tensors run the same Triton kernels when TRITON_INTERPRET=1 is set (Triton's CPU
+    interpreter: slow, exact, used by the test suite), and the PyTorch reference otherwise.
+  * `use_backend("triton" | "reference" | "auto")` (a context manager), `set_backend(...)`, or
+    the environment variable PM_KERNELS_BACKEND force either path.
+Empty problems (B = 0, M = 0 or N = 0) always take the reference path, which defines them:
+empty outputs, and y = 0 with zero gradients when N = 0 (no token to merge).
+
+Registration: `pm_kernels::fwd` and `pm_kernels::bwd` are `torch.library.custom_op`s with fake
+(meta) implementations, and `register_autograd` ties them together, so `torch.compile` traces the
+op as a single node with no graph break and `torch.library.opcheck` holds. (`triton_op` would
+let inductor see inside, but it cannot run under the CPU interpreter that CI tests with.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backward import patch_merger_backward
+from .forward import patch_merger_forward
+from .heuristics import MAX_M, interpreting
+
+__all__ = ["patch_merger", "use_backend", "set_backend", "get_backend"]
+
+_BACKENDS = ("auto", "triton", "reference")
+_backend = os.environ.get("PM_KERNELS_BACKEND", "auto")
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation: "auto" (the dispatch rule), "triton" or "reference"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of `set_backend`."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _use_triton(device: torch.device) -> bool:
+    if _backend == "reference":
+        return False
+    if device.type == "cuda":
+        return True
+    if _backend == "triton" and not interpreting():
+        raise RuntimeError(
+            f"the Triton backend was forced for {device.type} tensors, which needs a CUDA device "
+            "or Triton's CPU interpreter (set TRITON_INTERPRET=1 before importing pm_kernels)")
+    return device.type == "cpu" and interpreting()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every error a caller can cause is raised here, before anything is launched.
+# ----------------------------------------------------------------------------------------------
+
+def _check_tensor(name, t, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported are float16, bfloat16, float32 "
+                        "and float64")
+
+
+def validate(x, queries, weight, bias, mask, eps, scale):
+    """Check shapes, dtypes, devices and scalars. Returns the effective scale."""
+    _check_tensor("x", x)
+    _check_tensor("queries", queries)
+    _check_tensor("weight", weight, optional=True)
+    _check_tensor("bias", bias, optional=True)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., N, D) with at least 2 dims, got {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError(f"x has D = 0 features (shape {tuple(x.shape)}); LayerNorm needs D >= 1")
+    if queries.dim() != 2:
+        raise ValueError(f"queries must be 2-D (M, D), got shape {tuple(queries.shape)}")
+    if queries.shape[1] != d:
+        raise ValueError(f"queries has D = {queries.shape[1]} but x has D = {d} "
+                         f"(x {tuple(x.shape)}, queries {tuple(queries.shape)})")
+    if queries.shape[0] > MAX_M:
+        raise ValueError(f"queries has M = {queries.shape[0]} rows; at most {MAX_M} are supported")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (d,):
+            raise ValueError(f"{name} must have shape (D,) = ({d},), got {tuple(t.shape)}")
+    tensors = [("x", x), ("queries", queries), ("weight", weight), ("bias", bias), ("mask", mask)]
+    for name, t in tensors[1:]:
+        if t is not None and isinstance(t, Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must "
+                             "be on the same device")
+    # dtype combinations: parameters in x's dtype, or fp32 "master" parameters for fp16/bf16 x.
+    allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
+    for name, t in tensors[1:4]:
+        if t is not None and t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; parameters must "
+                            f"be {' or '.join(sorted(str(a) for a in allowed))}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool (True = keep), got {mask.dtype}")
+        lead = x.shape[:-1]
+        if mask.dim() < 1 or mask.shape[-1] != lead[-1] or not _broadcastable(mask.shape, lead):
+            raise ValueError(f"mask must have shape (..., N) broadcastable to {tuple(lead)}, "
+                             f"got {tuple(mask.shape)}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if scale is None:
+        scale = d ** -0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _broadcastable(shape, target):
+    if len(shape) > len(target):
+        return False
+    return all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration. The ops see x flattened to (B, N, D) and mask to (B, N).
+# ----------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("pm_kernels::fwd", mutates_args=())
+def _fwd(x: Tensor, queries: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+         mask: Optional[Tensor], eps: float, scale: float,
+         return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
+    y, lse, scores = patch_merger_forward(x, queries, weight, bias, eps, scale, mask,
+                                          return_scores=return_weights)
+    if return_weights:
+        # p = exp2(s2 - lse2); rows with no unmasked token (lse2 = -inf) are defined as 0.
+        empty = torch.isneginf(lse).unsqueeze(-1)
+        p = torch.where(empty, 0.0, torch.exp2(scores - lse.unsqueeze(-1))).to(x.dtype)
+    else:
+        p = x.new_empty((0,))
+    return y, lse, p
+
+
+@_fwd.register_fake
+def _fwd_fake(x, queries, weight, bias, mask, eps, scale, return_weights):
+    b, n, d = x.shape
+    m = queries.shape[0]
+    p = x.new_empty((b, m, n)) if return_weights else x.new_empty((0,))
+    return x.new_empty((b, m, d)), x.new_empty((b, m), dtype=_acc_dtype(x.dtype)), p
+
+
+@torch.library.custom_op("pm_kernels::bwd", mutates_args=())
+def _bwd(dy: Tensor, x: Tensor, queries: Tensor, weight: Optional[Tensor],
+         bias: Optional[Tensor], mask: Optional[Tensor], y: Tensor, lse: Tensor, eps: float,
+         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dx, dqueries, dweight, dbias (the last two empty when weight / bias is None)."""
+    dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask)
+    # Missing gradients are returned as distinct empty tensors (outputs may not alias).
+    return (dx, dq, dg if dg is not None else x.new_empty((0,)),
+            db if db is not None else x.new_empty((0,)))
+
+
+@_bwd.register_fake
+def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, eps, scale):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(queries),
+            torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
+            torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, queries, weight, bias, mask, eps, scale, _ = inputs
+    y, lse, p = output
+    # Saved: x (the caller keeps it alive anyway), the parameters, y (M x D, for Delta) and the
+    # fp32 log-sum-exp (M values per batch element). Nothing of size N x D or M x N.
+    ctx.save_for_backward(x, queries, weight, bias, mask, y, lse)
+    ctx.eps, ctx.scale = eps, scale
+    ctx.mark_non_differentiable(lse, p)
+
+
+def _backward(ctx, dy, _dlse, _dp):
+    x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
+    dx, dq, dg, db = _bwd(dy, x, queries, weight, bias, mask, y, lse, ctx.eps, ctx.scale)
+    return (dx, dq, dg if weight is not None else None, db if bias is not None else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("pm_kernels::fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
+                 bias: Optional[Tensor] = None, *, eps: float = 1e-5,
+                 scale: Optional[float] = None, mask: Optional[Tensor] = None,
+                 return_weights: bool = False):
+    """Fused PatchMerger: y = softmax_N(scale * queries @ LN(x)^T) @ LN(x).
+
+    Args:
+        x: tokens (..., N, D), float16 / bfloat16 / float32 / float64, any strides.
+        queries: (M, D) learned queries, M <= 256.
+        weight, bias: LayerNorm affine (D,), or None. Parameters may be float32 while x is
+            float16 / bfloat16; everything accumulates in float32 either way.
+        eps: LayerNorm epsilon (> 0).
+        scale: score scale, None for D ** -0.5.
+        mask: optional bool (..., N) broadcastable to x's leading dims; False drops a token
+            (zero merge weight, zero gradient). An output token whose tokens are all dropped is
+            0, with zero gradients.
+        return_weights: also return the merge weights p (..., M, N), computed by the kernel only
+            when asked. They are detached: no gradient flows through them.
+
+    Returns:
+        y (..., M, D) in x's dtype (the autocast dtype under torch.autocast), or (y, p).
+    """
+    scale = validate(x, queries, weight, bias, mask, eps, scale)
+    dev_type = x.device.type
+    if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
+        # Like attention ops: run in the autocast dtype. Parameters keep their (fp32) dtype, the
+        # kernels accept mixed precision and keep LayerNorm statistics in fp32.
+        x = x.to(torch.get_autocast_dtype(dev_type))
+    lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    m = queries.shape[0]
+    if not _use_triton(x.device) or x.numel() == 0 or m == 0:
+        with torch.autocast(dev_type, enabled=False):
+            return reference.patch_merger(x, queries, weight, bias, eps=eps, scale=scale,
+                                          mask=mask, return_weights=return_weights)
+    x3 = x.reshape(-1, n, d)
+    mask2 = mask.expand(*lead, n).reshape(-1, n) if mask is not None else None
+    with torch.autocast(dev_type, enabled=False):
+        y, _lse, p = _fwd(x3, queries, weight, bias, mask2, float(eps), scale, return_weights)
+    y = y.reshape(*lead, m, d)
+    if return_weights:
+        return y, p.reshape(*lead, m, n)
+    return y

@@ -1,0 +1,229 @@
+"""Forward and all four gradients of the fused kernels against a float64 reference.
+
+Every case compares three computations on the same inputs: ours at dtype, the plain-PyTorch
+reference at dtype (the baseline), and the reference in float64 (the truth); see tolerance.py.
+"""
+
+import pytest
+import torch
+from tolerance import assert_close_to_ref
+
+import pm_kernels
+from pm_kernels import heuristics, reference
+from pm_kernels.backward import patch_merger_backward
+from pm_kernels.forward import patch_merger_forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (lead dims, N, D, M): odd sizes on purpose. D values are not powers of two and not multiples
+# of the D tile; N = 1; M > N; M = 1; a 4-D x; no leading dims.
+SHAPES = [
+    pytest.param((2,), 197, 100, 8, id="vit-like-N197-D100"),
+    pytest.param((3,), 1, 48, 4, id="N1"),
+    pytest.param((2,), 5, 48, 12, id="M>N"),
+    pytest.param((1,), 33, 768, 1, id="M1-D768"),
+    pytest.param((1,), 20, 1000, 8, id="D1000"),
+    pytest.param((2, 3), 17, 40, 6, id="4d-x"),
+    pytest.param((), 9, 24, 3, id="2d-x"),
+    pytest.param((1,), 700, 64, 8, id="B1-largeN-split"),
+]
+
+
+def make_inputs(lead, n, d, m, dtype, param_dtype=None, device="cpu", affine=True):
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(*lead, n, d, device=device) * 1.5 + 0.3).to(dtype)
+    q = (2.0 * torch.randn(m, d, device=device)).to(param_dtype)
+    g = (1.0 + 0.2 * torch.randn(d, device=device)).to(param_dtype) if affine else None
+    b = (0.2 * torch.randn(d, device=device)).to(param_dtype) if affine else None
+    dy = torch.randn(*lead, m, d, device=device).to(dtype)
+    return x, q, g, b, dy
+
+
+def grads_of(fn, dy, *tensors):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    y = fn(*leaves)
+    y.backward(dy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def single_token_allowance(x, q, g, b, dy, eps=1e-5):
+    """Extra error allowed per gradient when N = 1.
+
+    With one token the softmax is constant (p = 1), so ds = p * (dp - Delta) is exactly 0 in
+    exact math, and PyTorch, which forms Delta = sum(p * dp) from the very same dp, gets an exact
+    0 too. A fused backward cannot see all of p before its D sweep, so it takes
+    Delta = sum_d dy * (y - b) from the stored y (flash-attention's preprocess): ds becomes the
+    rounding noise of two O(|dp|) terms that cancel, |ds| <= a few ulps of max|dp|. This bounds
+    what that noise adds to each gradient, propagated through dxn = p^T dy + scale * ds^T W."""
+    d, m = x.shape[-1], q.shape[0]
+    scale = d ** -0.5
+    ulp = torch.finfo(x.dtype).eps
+    x64 = x.double()
+    xhat = torch.nn.functional.layer_norm(x64, (d,), eps=eps)
+    xn = torch.nn.functional.layer_norm(x64, (d,), g.double() if g is not None else None,
+                                        b.double() if b is not None else None, eps)
+    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt().amax(-1)          # per batch element
+    dp = dy.double() @ xn.transpose(-1, -2)                               # (..., M, 1)
+    ds_noise = 4 * ulp * dp.abs().amax(dim=(-1, -2))
+    dxn_noise = scale * m * ds_noise * q.abs().max().item()
+    gmax = g.abs().max().item() if g is not None else 1.0
+    return {
+        "dqueries": (scale * ds_noise * xn.abs().amax(dim=(-1, -2))).sum().item(),
+        "dweight": (dxn_noise * xhat.abs().amax(dim=(-1, -2))).sum().item(),
+        "dbias": dxn_noise.sum().item(),
+        "dx": (rstd * gmax * dxn_noise * (2 + xhat.abs().max())).max().item(),
+    }
+
+
+def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-5):
+    """`ours(x, q, g, b)` -> y; compares y and every gradient with baseline and truth."""
+    def ref(dtype_cast):
+        def fn(x_, q_, g_, b_):
+            return reference.patch_merger(x_, q_, g_, b_, eps=eps, scale=scale, mask=mask)
+        args = [t.to(dtype_cast) if (t is not None and dtype_cast is not None) else t
+                for t in (x, q, g, b)]
+        return grads_of(fn, dy.to(dtype_cast) if dtype_cast else dy, *args)
+
+    y, grads = grads_of(ours, dy, x, q, g, b)
+    allowance = single_token_allowance(x, q, g, b, dy, eps) if x.shape[-2] == 1 else {}
+    y_base, grads_base = ref(None)
+    y_true, grads_true = ref(torch.float64)
+    assert y.dtype == x.dtype
+    assert_close_to_ref("y", y, y_base, y_true)
+    for name, gr, gb, gt, t in zip(("dx", "dqueries", "dweight", "dbias"), grads, grads_base,
+                                   grads_true, (x, q, g, b)):
+        if t is None:
+            continue
+        assert gr.dtype == t.dtype, f"{name} dtype {gr.dtype} != {t.dtype}"
+        assert_close_to_ref(name, gr, gb, gt, extra=allowance.get(name, 0.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n,d,m", SHAPES)
+def test_forward_backward_matches_reference(lead, n, d, m, dtype, device):
+    x, q, g, b, dy = make_inputs(lead, n, d, m, dtype, device=device)
+
+    def ours(x_, q_, g_, b_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_, g_, b_)
+    check_against_reference(x, q, g, b, dy, ours)
+
+
+def test_large_n_uses_split_path(device):
+    # The B=1, N=700 case above must really exercise the flash-decoding split.
+    cfg = heuristics.forward_config(1, 700, 64, 8, torch.float32, torch.device(device))
+    assert cfg.split > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_parameters_with_low_precision_x(dtype, device):
+    x, q, g, b, dy = make_inputs((2,), 45, 72, 5, dtype, param_dtype=torch.float32, device=device)
+
+    def ours(x_, q_, g_, b_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_, g_, b_)
+    check_against_reference(x, q, g, b, dy, ours)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_no_affine_and_custom_scale_eps(affine, device):
+    x, q, g, b, dy = make_inputs((2,), 30, 56, 7, torch.float32, device=device, affine=affine)
+
+    def ours(x_, q_, g_, b_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_, g_, b_, eps=1e-3, scale=0.37)
+    check_against_reference(x, q, g, b, dy, ours, scale=0.37, eps=1e-3)
+
+
+# Explicit launch configurations that the heuristics would not pick for these small shapes:
+# many D tiles with a ragged last one, many token blocks per program, and a split so wide that
+# the last programs own no token at all (their partials must be ignored, and zero).
+FORCED = [
+    pytest.param(heuristics.Config(16, 16, 16, split=1), id="many-tiles"),
+    pytest.param(heuristics.Config(16, 16, 32, split=3), id="split3"),
+    pytest.param(heuristics.Config(16, 16, 32, split=12), id="split12-empty-programs"),
+]
+
+
+@pytest.mark.parametrize("cfg", FORCED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_forced_configs(cfg, dtype, device):
+    n, d, m = 200, 70, 5
+    x, q, g, b, dy = make_inputs((2,), n, d, m, dtype, device=device)
+    if dtype == torch.float16:
+        # 200 tokens / 16 per block / 12 programs: 32 tokens per program, programs 7..11 empty.
+        assert triton_cdiv(n, triton_cdiv(triton_cdiv(n, cfg.split), 16) * 16) <= cfg.split
+
+    def ours(x_, q_, g_, b_):
+        return _ForcedConfigFn.apply(x_, q_, g_, b_, cfg)
+    check_against_reference(x, q, g, b, dy, ours)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+class _ForcedConfigFn(torch.autograd.Function):
+    """The launchers with an explicit Config (the public op always asks the heuristics)."""
+
+    @staticmethod
+    def forward(ctx, x, q, g, b, cfg):
+        y, lse, _ = patch_merger_forward(x, q, g, b, 1e-5, x.shape[-1] ** -0.5, config=cfg)
+        ctx.save_for_backward(x, q, g, b, y, lse)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, q, g, b, y, lse = ctx.saved_tensors
+        dx, dq, dg, db = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, x.shape[-1] ** -0.5,
+                                               config=ctx.cfg)
+        return dx, dq, dg, db, None
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradcheck_float64(with_mask, device):
+    x, q, g, b, _ = make_inputs((2,), 11, 19, 5, torch.float64, device=device)
+    mask = (torch.rand(2, 11, device=device) > 0.3) if with_mask else None
+    if with_mask:
+        mask[1, :] = False          # one batch element with every token masked
+
+    def fn(x_, q_, g_, b_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_, g_, b_, mask=mask, scale=0.7)
+    args = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+def test_gradcheck_float64_no_affine_4d(device):
+    x = torch.randn(2, 2, 7, 13, dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.randn(9, 13, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x_, q_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_)
+    assert torch.autograd.gradcheck(fn, (x, q), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_deterministic(dtype, device):
+    x, q, g, b, dy = make_inputs((1,), 300, 96, 8, dtype, device=device)
+
+    def run():
+        with pm_kernels.use_backend("triton"):
+            _, grads = grads_of(lambda *a: pm_kernels.patch_merger(*a), dy, x, q, g, b)
+        return grads
+    first, second = run(), run()
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+def test_float64_agrees_with_reference_to_roundoff(device):
+    # A sharp, exact check of the math itself (no low-precision noise to hide behind).
+    x, q, g, b, dy = make_inputs((2,), 50, 36, 6, torch.float64, device=device)
+    with pm_kernels.use_backend("triton"):
+        y, grads = grads_of(lambda *a: pm_kernels.patch_merger(*a), dy, x, q, g, b)
+    y_ref, grads_ref = grads_of(lambda *a: reference.patch_merger(*a), dy, x, q, g, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
