@@ -19,7 +19,7 @@ so it is never computed; the saved log-sum-exp is that of s2 as defined here.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(v) = exp2(v * LOG2E)
 
 
 @triton.jit
