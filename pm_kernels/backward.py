@@ -71,7 +71,6 @@ def _backward_kernel(
     dg_part_ptr, db_part_ptr,                     # (P, D) ACC partial sums of dxn*xhat, dxn
     N, D, M, tokens_per_split,
     scale_hi, scale_lo, eps_hi, eps_lo,
-    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -85,7 +84,7 @@ def _backward_kernel(
     x_ptr += pid_b * stride_xb
     dy_ptr += pid_b * stride_dyb
     dx_ptr += pid_b * N * D
-    row = pid_b * SPLIT + pid_s                   # this program's partial-sum row
+    row = pid_b * tl.num_programs(1) + pid_s      # this program's partial-sum row
     dw_part_ptr += row * M * D
     dg_part_ptr += row * D
     db_part_ptr += row * D
@@ -210,7 +209,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
         dy, *dy.stride(), lse, delta, dx, dw_part, dg_part, db_part,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
-        SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_MASK=mask is not None, HAS_G=weight is not None,
         NEED_DG=weight is not None, NEED_DB=bias is not None,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,

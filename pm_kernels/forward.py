@@ -36,14 +36,14 @@ def _forward_kernel(
     mask_ptr, stride_mb, stride_mn,              # key padding mask (B, N) uint8, 1 = keep
     w_ptr, stride_wm,                            # queries (M, D), unit stride along D
     g_ptr, b_ptr,                                # LayerNorm weight / bias (D,)
-    y_ptr,                                       # (B, M, D) output, x's dtype   [split == 1]
-    lse_ptr,                                     # (B, M) ACC log2-sum-exp2      [split == 1]
+    y_ptr,                                       # (B, M, D) output, x's dtype   [FINALIZE]
+    lse_ptr,                                     # (B, M) ACC log2-sum-exp2      [FINALIZE]
     acc_ptr,                                     # (B, split, M, D) ACC scratch / partials
-    ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [split > 1]
+    ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [not FINALIZE]
     s_ptr,                                       # (B, M, N) ACC base-2 scores [RETURN_SCORES]
     N, D, M, tokens_per_split,
     scale_hi, scale_lo, eps_hi, eps_lo,
-    SPLIT: tl.constexpr,
+    FINALIZE: tl.constexpr,                      # split == 1: write y and lse directly
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr,
@@ -60,7 +60,7 @@ def _forward_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
-    row = pid_b * SPLIT + pid_s                      # this program's scratch row
+    row = pid_b * tl.num_programs(1) + pid_s         # this program's scratch row
     acc_ptr += row * M * D
 
     n_start = pid_s * tokens_per_split
@@ -106,7 +106,7 @@ def _forward_kernel(
             # The first block of a program starts from acc = 0: the masked load reads nothing.
             acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
             acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0) * alpha[:, None] + pv
-            if SPLIT == 1:
+            if FINALIZE:
                 if last:
                     g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
                     bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
@@ -119,7 +119,7 @@ def _forward_kernel(
             else:
                 tl.store(acc_ptrs, acc, mask=md_in)
 
-    if SPLIT == 1:
+    if FINALIZE:
         _inv_l, _has, lse = softmax_normalizers(m_i, l_i)
         tl.store(lse_ptr + pid_b * M + offs_m, lse, mask=m_in)
     else:
@@ -131,13 +131,13 @@ def _forward_kernel(
 
 @triton.jit
 def _combine_kernel(
-    acc_ptr,          # (B, SPLIT, M, D) ACC partial accumulators
-    ml_ptr,           # (B, SPLIT, 2, M) ACC partial (max, sum)
+    acc_ptr,          # (B, num_splits, M, D) ACC partial accumulators
+    ml_ptr,           # (B, num_splits, 2, M) ACC partial (max, sum)
     g_ptr, b_ptr,     # (D,)
     y_ptr,            # (B, M, D) output, x's dtype
     lse_ptr,          # (B, M) ACC
-    D, M,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    D, M, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr, HAS_B: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
 ):
     """y = g * sum_s exp2(m_s - m) acc_s / L + b,  L = sum_s exp2(m_s - m) l_s,  m = max_s m_s."""
@@ -147,17 +147,17 @@ def _combine_kernel(
     m_in = offs_m < M
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md_in = m_in[:, None] & (cols < D)[None, :]
-    ml_ptr += pid_b * SPLIT * 2 * M
-    acc_ptr += pid_b * SPLIT * M * D
+    ml_ptr += pid_b * num_splits * 2 * M
+    acc_ptr += pid_b * num_splits * M * D
 
     m_max = tl.full((BLOCK_M,), float("-inf"), ACC)
-    for s in range(SPLIT):
+    for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(ml_ptr + s * 2 * M + offs_m, mask=m_in,
                                           other=float("-inf")))
     m_base = tl.where(m_max == float("-inf"), 0.0, m_max)
     big_l = tl.zeros((BLOCK_M,), ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for s in range(SPLIT):
+    for s in range(num_splits):
         m_s = tl.load(ml_ptr + s * 2 * M + offs_m, mask=m_in, other=float("-inf"))
         l_s = tl.load(ml_ptr + s * 2 * M + M + offs_m, mask=m_in, other=0.0)
         w_s = tl.exp2(m_s - m_base)
@@ -229,7 +229,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
         y, lse, acc, ml, scores if scores is not None else lse,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
-        SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
@@ -238,8 +238,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     if split > 1:
         ccfg = heuristics.combine_config(d, m)
         _combine_kernel[(bsz, triton.cdiv(d, ccfg.block_d))](
-            acc, ml, w, b, y, lse, d, m,
-            SPLIT=split, BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
+            acc, ml, w, b, y, lse, d, m, split,
+            BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
             HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
             num_warps=ccfg.num_warps, num_stages=1,
         )
