@@ -219,6 +219,26 @@ torch.library.register_autograd("pm_kernels::fwd", _backward, setup_context=_set
 # Public API
 # ----------------------------------------------------------------------------------------------
 
+def _autocast_cast(dev_type, x, queries, weight, bias):
+    """Inputs as the op sees them under torch.autocast: like attention ops, it runs in the
+    autocast dtype (lower_precision_fp policy). Autocast's eligibility rule applies: only
+    floating-point tensors other than float64 are cast, so a float64 x keeps running in float64.
+    float32 parameters stay float32 (the kernels take fp32 "master" parameters beside fp16/bf16 x
+    and keep LayerNorm statistics in fp32, which saves a cast and is more accurate); parameters
+    in the *other* half type (fp16 under a bf16 autocast, or vice versa) are cast to the autocast
+    dtype, since the kernels accept only x's dtype or fp32. Non-tensors pass through untouched
+    for `validate` to reject."""
+    def eligible(t):
+        return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    if not eligible(x):
+        return x, queries, weight, bias
+    dt = torch.get_autocast_dtype(dev_type)
+    x = x.to(dt)
+    queries, weight, bias = (t.to(dt) if eligible(t) and t.dtype not in (torch.float32, dt) else t
+                             for t in (queries, weight, bias))
+    return x, queries, weight, bias
+
+
 def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
                  bias: Optional[Tensor] = None, *, eps: float = 1e-5,
                  scale: Optional[float] = None, mask: Optional[Tensor] = None,
@@ -241,12 +261,11 @@ def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
     Returns:
         y (..., M, D) in x's dtype (the autocast dtype under torch.autocast), or (y, p).
     """
-    scale = validate(x, queries, weight, bias, mask, eps, scale)
-    dev_type = x.device.type
+    dev_type = x.device.type if isinstance(x, Tensor) else None
     if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
-        # Like attention ops: run in the autocast dtype. Parameters keep their (fp32) dtype, the
-        # kernels accept mixed precision and keep LayerNorm statistics in fp32.
-        x = x.to(torch.get_autocast_dtype(dev_type))
+        # Cast *before* validating, so that the dtypes the kernels see are the validated ones.
+        x, queries, weight, bias = _autocast_cast(dev_type, x, queries, weight, bias)
+    scale = validate(x, queries, weight, bias, mask, eps, scale)
     lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     m = queries.shape[0]
     if not _use_triton(x.device) or x.numel() == 0 or m == 0:

@@ -1,0 +1,267 @@
+"""torch.library registration, torch.compile and torch.autocast.
+
+* `torch.library.opcheck` on `pm_kernels::fwd` (with and without LayerNorm weights, with a mask,
+  return_weights True / False) and `pm_kernels::bwd`: schema, fake (meta) kernels, autograd
+  registration, and AOT dispatch with dynamic shapes.
+* `torch.compile(fullgraph=True)` of a model holding `pm_kernels.PatchMerger` on the eager,
+  aot_eager and inductor backends: forward and backward trace with zero graph breaks, the custom
+  ops appear as single nodes of the forward and backward graphs, and the compiled model computes
+  what the eager one does.
+* `torch.autocast` (bf16, fp16): the op runs in the autocast dtype and returns it, gradients flow
+  back to fp32 parameters, and the result meets the tolerance rule (tests/tolerance.py) against
+  the reference computed at the autocast dtype.
+
+Shapes are tiny on purpose: the kernels run in Triton's interpreter on CPU, and inductor compiles
+C++ for every graph.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from tolerance import assert_close_to_ref
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
+from torch._functorch.aot_autograd import make_boxed_func
+
+import pm_kernels
+from pm_kernels import reference
+
+FWD = torch.ops.pm_kernels.fwd.default
+BWD = torch.ops.pm_kernels.bwd.default
+
+
+def _tensors(device, b=2, n=7, d=16, m=3, dtype=torch.float32, param_dtype=None):
+    param_dtype = param_dtype or dtype
+    x = torch.randn(b, n, d, device=device).to(dtype)
+    q = torch.randn(m, d, device=device).to(param_dtype)
+    g = (1 + 0.2 * torch.randn(d, device=device)).to(param_dtype)
+    bias = (0.2 * torch.randn(d, device=device)).to(param_dtype)
+    mask = torch.rand(b, n, device=device) > 0.3
+    mask[1] = False                      # one batch element with every token dropped
+    return x, q, g, bias, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", ["none", "weight", "weight+bias"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("return_weights", [False, True], ids=["y", "y+p"])
+def test_opcheck_fwd(affine, with_mask, return_weights, device):
+    x, q, g, b, mask = _tensors(device)
+    g = g if affine != "none" else None
+    b = b if affine == "weight+bias" else None
+    args = (x.requires_grad_(), q.requires_grad_(),
+            g.requires_grad_() if g is not None else None,
+            b.requires_grad_() if b is not None else None,
+            mask if with_mask else None, 1e-5, 0.3, return_weights)
+    torch.library.opcheck(FWD, args)          # raises on any failure
+
+
+def test_opcheck_fwd_mixed_precision(device):
+    # bf16 tokens with fp32 "master" parameters: the autocast / mixed-precision combination.
+    x, q, g, b, mask = _tensors(device, dtype=torch.bfloat16, param_dtype=torch.float32)
+    torch.library.opcheck(FWD, (x.requires_grad_(), q.requires_grad_(), g.requires_grad_(),
+                                b.requires_grad_(), mask, 1e-5, 0.25, True))
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["noaffine", "affine"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_opcheck_bwd(affine, with_mask, device):
+    x, q, g, b, mask = _tensors(device)
+    g, b = (g, b) if affine else (None, None)
+    mask = mask if with_mask else None
+    y, lse, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, 1e-5, 0.3))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+class _TinyModel(torch.nn.Module):
+    """Linear -> fused PatchMerger -> Linear: the merger between ordinary ops, as in a ViT."""
+
+    def __init__(self, d=16, m=3):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+        self.merger = pm_kernels.PatchMerger(d, m)
+        self.head = torch.nn.Linear(d, 5)
+
+    def forward(self, x):
+        return self.head(self.merger(self.proj(x)).mean(-2))
+
+
+def _run(model, x):
+    """Forward + backward; returns the output and every gradient (x's first)."""
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), [x.grad] + [p.grad for p in model.parameters()]
+
+
+def _recording_backend(graphs):
+    """An aot_autograd backend that keeps the forward and backward FX graphs it is given."""
+    def fw(gm, _inputs):
+        graphs["fw"].append(gm)
+        return make_boxed_func(gm.forward)
+
+    def bw(gm, _inputs):
+        graphs["bw"].append(gm)
+        return make_boxed_func(gm.forward)
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw)
+
+
+def _targets(gms):
+    return {node.target for gm in gms for node in gm.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compile_fullgraph_no_graph_break(backend, device):
+    model = _TinyModel().to(device)
+    x = torch.randn(2, 9, 16, device=device)
+    out_ref, grads_ref = _run(model, x)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out, grads = _run(compiled, x)
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    # The compiled model computes what the eager one does (the fused op is the same kernel; only
+    # the surrounding Linear layers may be reassociated by inductor).
+    torch.testing.assert_close(out, out_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_explain_reports_no_graph_break(device):
+    torch._dynamo.reset()
+    model = _TinyModel().to(device)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 9, 16, device=device))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_custom_ops_are_single_nodes_forward_and_backward(device):
+    graphs = {"fw": [], "bw": []}
+    torch._dynamo.reset()
+    compiled = torch.compile(_TinyModel().to(device), backend=_recording_backend(graphs),
+                             fullgraph=True)
+    _run(compiled, torch.randn(2, 9, 16, device=device))
+    assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1
+    fw_targets, bw_targets = _targets(graphs["fw"]), _targets(graphs["bw"])
+    assert FWD in fw_targets and BWD not in fw_targets
+    assert BWD in bw_targets and FWD not in bw_targets   # the backward does not re-run forward
+
+
+def test_compile_functional_with_mask_and_weights(device):
+    x, q, g, b, mask = _tensors(device)
+
+    def fn(x_, q_, g_, b_):
+        y, p = pm_kernels.patch_merger(x_, q_, g_, b_, mask=mask, scale=0.3, return_weights=True)
+        return y, p
+
+    torch._dynamo.reset()
+    counters.clear()
+    y, p = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, q, g, b)
+    assert dict(counters["graph_break"]) == {}
+    y_ref, p_ref = reference.patch_merger(x, q, g, b, mask=mask, scale=0.3, return_weights=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(p, p_ref)
+    assert (p[~mask.unsqueeze(1).expand_as(p)] == 0).all()
+
+
+def test_compile_under_autocast(device):
+    model = _TinyModel().to(device)
+    x = torch.randn(2, 9, 16, device=device)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        merged = compiled.merger(compiled.proj(x))
+        out = compiled(x)
+    assert merged.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.autocast
+# ----------------------------------------------------------------------------------------------
+
+def _grads(fn, dy, *leaves):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_module(dtype, backend, device):
+    """Under autocast the op computes in the autocast dtype and returns it; fp32 parameters
+    and fp32 x receive fp32 gradients that meet the rule against the reference at that dtype."""
+    d, m = 40, 5
+    merger = pm_kernels.PatchMerger(d, m).to(device)
+    with torch.no_grad():
+        merger.norm.weight.add_(0.2 * torch.randn(d, device=device))
+        merger.norm.bias.add_(0.2 * torch.randn(d, device=device))
+    x = torch.randn(2, 23, d, device=device) * 1.5 + 0.3
+    dy = torch.randn(2, m, d, device=device).to(dtype)
+    params = [merger.queries, merger.norm.weight, merger.norm.bias]
+
+    x_leaf = x.clone().requires_grad_()
+    with pm_kernels.use_backend(backend), torch.autocast(device, dtype=dtype):
+        y = merger(x_leaf)
+    assert y.dtype == dtype
+    y.backward(dy)
+    assert x_leaf.grad.dtype == torch.float32
+    for p in params:
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+    ours = [x_leaf.grad] + [p.grad for p in params]
+
+    # Baseline: the plain-PyTorch math at the autocast dtype (the reference casts the parameters
+    # to x's dtype); truth: the same in float64, on the x the op actually saw (rounded to dtype).
+    def ref(x_, q_, g_, b_):
+        return reference.patch_merger(x_, q_, g_, b_, eps=merger.eps, scale=merger.scale)
+    leaves = [x.to(dtype)] + [p.detach() for p in params]
+    y_base, grads_base = _grads(ref, dy, *leaves)
+    y_true, grads_true = _grads(ref, dy.double(), *[t.double() for t in leaves])
+    assert_close_to_ref("y", y, y_base, y_true)
+    # Gradients are compared at the autocast dtype: that is the precision they were computed at
+    # (the fp32 copies add no information), and the rule's half-ulp allowance is that dtype's.
+    for name, g, gb, gt in zip(("dx", "dqueries", "dweight", "dbias"), ours, grads_base,
+                               grads_true):
+        assert_close_to_ref(name, g.to(dtype), gb.to(dtype), gt)
+
+
+def test_autocast_keeps_float64_and_casts_other_half_type(device):
+    x, q, g, b, _ = _tensors(device, dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y64 = pm_kernels.patch_merger(x, q, g, b)
+    # float64 is not autocast-eligible: it runs, exactly, in float64.
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, reference.patch_merger(x, q, g, b), rtol=1e-12, atol=1e-12)
+
+    # fp16 parameters under a bf16 autocast are cast to bf16 (the kernels take x's dtype or fp32).
+    x, q, g, b, _ = _tensors(device, dtype=torch.float32, param_dtype=torch.float16)
+    q.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = pm_kernels.patch_merger(x, q, g, b)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.float16
+
+
+def test_autocast_disabled_region_keeps_input_dtype(device):
+    merger = pm_kernels.PatchMerger(16, 3).to(device)
+    x = torch.randn(2, 7, 16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, enabled=False):
+            assert merger(x).dtype == torch.float32
+        assert merger(x).dtype == torch.bfloat16
