@@ -105,7 +105,7 @@ def _backward_kernel(
             keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
             valid = valid & (keep != 0)
 
-        mean, rstd, sn, dp, a, cw = token_block_scores(
+        shift, mean_rel, rstd, sn, dp, a, cw = token_block_scores(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
             BLOCK_D, HAS_G, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
@@ -126,7 +126,7 @@ def _backward_kernel(
             d_in = cols < D
             md_in = m_in[:, None] & d_in[None, :]
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
-            xhat = normalize_tile(x, mean, rstd, valid)
+            xhat = normalize_tile(x, shift, mean_rel, rstd, valid)
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
                          mask=md_in, other=0.0)
             w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
@@ -182,8 +182,9 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
     dot_dtype, emulate, acc_tl, acc_torch = kernel_dtypes(x.dtype)
     dev = x.device
     queries = queries.contiguous()
-    w = weight if weight is not None else queries
-    b = bias if bias is not None else queries
+    # Unit-stride weight / bias, as in `patch_merger_forward` (the kernels take no stride for them).
+    w = weight.contiguous() if weight is not None else queries
+    b = bias.contiguous() if bias is not None else queries
     y = y.contiguous()
 
     delta = torch.empty((bsz, m), dtype=acc_torch, device=dev)

@@ -81,10 +81,16 @@ def load_vec(ptr, offs, n, HAS: tl.constexpr, DEFAULT: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
-def normalize_tile(x, mean, rstd, valid):
-    """xhat = (x - mu) * r for a (BLOCK_N, BLOCK_D) tile; exactly 0 for tokens that are masked
-    or out of range, so garbage (even inf/NaN) in a padded token never leaks through p * xhat."""
-    xhat = (x - mean[:, None]) * rstd[:, None]
+def normalize_tile(x, shift, mean_rel, rstd, valid):
+    """xhat = ((x - k) - (mu - k)) * r for a (BLOCK_N, BLOCK_D) tile, with the shift k and
+    mean_rel = mu - k of `token_block_scores`; exactly 0 for tokens that are masked or out of
+    range, so garbage (even inf/NaN) in a padded token never leaks through p * xhat.
+
+    Subtracting in two steps keeps the shift's accuracy: x - k is exact (Sterbenz) when x sits
+    near k, while x - fp32(k + e1) would carry mu's rounding, half an ulp of |mu|, into every
+    xhat, times r (mean 1e4, std 1e-2 in fp32: 5e-4 * 100 = 0.05 in xhat; this made y and the
+    gradients disagree with the scores, e.g. dbias off by 0.2 where PyTorch is off by 2e-6)."""
+    xhat = ((x - shift[:, None]) - mean_rel[:, None]) * rstd[:, None]
     return tl.where(valid[:, None], xhat, 0.0)
 
 
@@ -92,8 +98,10 @@ def normalize_tile(x, mean, rstd, valid):
 def softmax_normalizers(m, l):
     """From a softmax state (running max m, sum l; base 2) return (1/l, [l > 0], lse2).
     A row that saw no unmasked token (l = 0) gets 1/l := 0 and lse2 := -inf, so its output is
-    exactly 0 and its backward weights exp2(s2 - lse2) are masked to 0, never NaN."""
-    nonempty = l > 0
+    exactly 0 and its backward weights exp2(s2 - lse2) are masked to 0, never NaN.
+    `l != 0`, not `l > 0`: a NaN l (a NaN / inf token among the unmasked ones) must stay NaN
+    (1/l, lse2 = NaN) and poison the row as in the reference, not pass for an empty row (0)."""
+    nonempty = l != 0
     safe_l = tl.where(nonempty, l, 1.0)
     inv_l = tl.where(nonempty, 1.0 / safe_l, 0.0)
     lse = tl.where(nonempty, m + tl.log2(safe_l), float("-inf"))
@@ -114,8 +122,9 @@ def token_block_scores(
 ):
     """One sweep over D for a block of tokens: LayerNorm statistics and the scores.
 
-    Returns (mean, rstd, sn, dp, a, cw), with shapes (BLOCK_N,), (BLOCK_N,), (BLOCK_M, BLOCK_N),
-    (BLOCK_M, BLOCK_N), (BLOCK_M,), (BLOCK_M,):
+    Returns (k, mean_rel, rstd, sn, dp, a, cw), with shapes (BLOCK_N,) x 3, (BLOCK_M, BLOCK_N),
+    (BLOCK_M, BLOCK_N), (BLOCK_M,), (BLOCK_M,); the token mean is mu = k + mean_rel, kept as
+    the two terms for `normalize_tile` (see there):
         sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d]
         dp[m, n] = sum_d dy[m,d] g[d] xhat[n,d]          (WITH_DY; the backward's dp minus dy.b)
         a[m]     = sum_d dy[m,d] g[d]                     (WITH_DY)
@@ -171,8 +180,7 @@ def token_block_scores(
 
     e1 = s1 / D                              # E[x - k]
     var = tl.maximum(s2 / D - e1 * e1, 0.0)
-    mean = k + e1
     rstd = 1.0 / precise_sqrt(var + eps, ACC)
     sn = (scale * rstd[None, :]) * (acc_s - e1[None, :] * c_s[:, None])
     dp = rstd[None, :] * (acc_dp - e1[None, :] * c_dp[:, None])
-    return mean, rstd, sn, dp, a, cw
+    return k, e1, rstd, sn, dp, a, cw

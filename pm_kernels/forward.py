@@ -75,7 +75,7 @@ def _forward_kernel(
             keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
             valid = valid & (keep != 0)
 
-        mean, rstd, sn, _dp, _a, _cw = token_block_scores(
+        shift, mean_rel, rstd, sn, _dp, _a, _cw = token_block_scores(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
             BLOCK_D, HAS_G, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
@@ -101,7 +101,8 @@ def _forward_kernel(
             cols = d0 + offs_d
             md_in = m_in[:, None] & (cols < D)[None, :]
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
-            xhat = as_operand(normalize_tile(x, mean, rstd, valid), DOT_DTYPE, EMULATE_BF16)
+            xhat = as_operand(normalize_tile(x, shift, mean_rel, rstd, valid), DOT_DTYPE,
+                              EMULATE_BF16)
             pv = tl.dot(p_op, xhat, input_precision=INPUT_PRECISION, out_dtype=ACC)
             # The first block of a program starts from acc = 0: the masked load reads nothing.
             acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
@@ -162,8 +163,11 @@ def _combine_kernel(
         l_s = tl.load(ml_ptr + s * 2 * M + M + offs_m, mask=m_in, other=0.0)
         w_s = tl.exp2(m_s - m_base)
         big_l += w_s * l_s
+        # Skip only partials that saw no token (l = 0, acc never written). A NaN l_s (a NaN
+        # token in this split) must be read: with `l_s > 0` its NaN acc was dropped and y came
+        # out 0 instead of NaN.
         part = tl.load(acc_ptr + (s * M + offs_m[:, None]) * D + cols[None, :],
-                       mask=md_in & (l_s > 0)[:, None], other=0.0)
+                       mask=md_in & (l_s != 0)[:, None], other=0.0)
         acc += w_s[:, None] * part
 
     g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
@@ -218,8 +222,11 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     ml = (torch.empty((bsz, split, 2, m), dtype=acc_torch, device=x.device)
           if split > 1 else lse)
     queries = queries.contiguous()
-    w = weight if weight is not None else queries
-    b = bias if bias is not None else queries
+    # The kernels read weight / bias as g_ptr + d (unit stride, `common.load_vec`): a strided
+    # (D,) view such as `big[::2]` or an expanded `t.expand(D)` was read as if contiguous
+    # (wrong y). `.contiguous()` is a no-op for ordinary parameters.
+    w = weight.contiguous() if weight is not None else queries
+    b = bias.contiguous() if bias is not None else queries
     mk = mask.view(torch.uint8) if mask is not None else x
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)

@@ -79,6 +79,88 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
     return s
 
 
+# ----------------------------------------------------------------------------------------------
+# GPU launch tiles (the interpreter branches below choose their own, for test speed)
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_N, BLOCK_D cap, num_warps, num_stages) per BLOCK_M tier, for 16-bit inputs (fp16, bf16)
+# and for wider ones (fp32, whose tl.dot runs as tf32x3 at torch's default precision: three MMAs
+# on split operands, about twice the registers of a 16-bit tile; fp64 takes the same tiles).
+#
+# Chosen with `python -m pm_kernels.audit`, which compiles every configuration for sm_80 and
+# sm_90 and reads ptxas's register and spill counts. The numbers in the tables are registers per
+# thread, worst case over the audit's specialisations (N, M divisible by 16 or not, M = 1, split
+# or not) and argument variants (affine / fp32 parameters / mask / no affine), "sm_80 / sm_90",
+# Triton 3.6 + ptxas 12.8. The kernels are memory-bound; the rules, in order of priority:
+#   1. No register spills. Spill traffic goes to local memory on top of the DRAM stream the
+#      kernel is bound by. ptxas picks its own register budget (Triton sets no maxnreg) and aims
+#      at an occupancy step -- 168 or 128 registers for 4 warps (3 or 4 blocks per SM), 128 or
+#      80 for 8 warps -- spilling a few bytes to get there if it must. That is why neighbouring
+#      configurations flip between 0 and 4-32 spilled bytes, and why the CI test
+#      (tests/test_audit.py) re-checks these tables with whatever Triton is installed.
+#   2. Every program of the paper's grid resident at once. With B = 256 and split 1 there are
+#      256 programs: 1.94 per SM on an H100 (132 SMs), 2.37 on an A100 (108). That needs 2
+#      resident programs per SM on H100 and 3 on A100: <= 128 registers with 8 warps (2 per SM),
+#      <= 168 with 4 warps (3 per SM), <= 255 with 4 warps (2 per SM). Fewer registers than the
+#      grid needs buy nothing: there are no further programs to make resident.
+#   3. Bytes in flight per program. With ~2 programs per SM, latency hiding comes from each
+#      program's own loads: BLOCK_N x BLOCK_D elements per D step, times num_stages when the D
+#      sweep is software-pipelined (loads of step i+1 in flight during the math of step i).
+#      BLOCK_D = 64 of a 16-bit dtype (32 of fp32) is a 128-byte row, one cache line, read with
+#      16-byte vector loads.
+#   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
+#      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
+#      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
+# Forward, M <= 16: 64 x 64 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step and two in
+# flight, 128 / 104-128 registers, 2 programs per SM (one wave on H100; on A100 216 of the 256
+# programs run in the first wave). The 4-warp tiles of 4-8 KB per step we tried (32 or 64
+# tokens x 32 or 64 columns, 1 or 2 stages) all spill 8-32 B on sm_80 or sm_90.
+# Backward, M <= 16: 32 x 32 on 4 warps, not pipelined: 95-160 / 72-124 registers (3-4
+# programs per SM: one wave on both parts), spill-free in every variant including M = 1. Its
+# 64-byte rows are still two whole 32-byte DRAM sectors (no byte wasted, half the bytes per
+# load). The backward holds many more live tiles than the forward (see backward.py), and every
+# larger or pipelined tile we tried spills somewhere: 32 x 64 spills 4 B at M = 1 on sm_90 (and
+# needs 212 registers), 32 x 32 with 2 stages 16 B on sm_90, 32 x 64 on 8 warps 16 B on sm_80.
+# Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
+# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90, fp32 up to BLOCK_M = 32.
+# The fp32 backward at BLOCK_M >= 64 spills whatever the tile (tf32x3 splits each operand in
+# two): 4-24 B at 64, 36-120 B at 128, 1.4-1.8 KB at 256 (12 KB on sm_80 for the masked and
+# non-affine variants, where ptxas falls back to 32 registers) -- the least among the tiles
+# tried; such sizes are better run in bf16.
+# Shared memory stays far below every per-block limit (<= 82 KB, fp32 at BLOCK_M = 256; the
+# audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
+_FORWARD_TILES = {
+    #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
+    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 117-128 / 95-128 (paper M)
+    32: ((32, 64, 8, 2), (64, 32, 4, 1)),     # 103-128 / 103-128 | 240-255 / 226-232
+    64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 116-128 / 97-134 | 213-255 / 159-247
+    128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 108-128 / 96-124 | 119-128 / 117-128
+    256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 96-124 | 191-228 / 167-236
+}
+_BACKWARD_TILES = {
+    16: ((32, 32, 4, 1), (32, 16, 4, 1)),     # 95-160 / 72-124 | 125-168 / 119-152 (paper M)
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-220 / 168-208 | 241-251 / 229-249
+    64: ((32, 32, 4, 1), (16, 16, 8, 1)),     # 198-241 / 168-227 | 255, spills 4 / 24 B
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 226-255 / 208-246 | 255, spills 60 / 120 B
+    256: ((16, 16, 4, 1), (16, 16, 4, 1)),    # 254-255 / 225-255 | spills 12 KB / 1.8 KB
+}
+
+
+def _gpu_tiles(table, bm: int, elem_bytes: int):
+    return table[bm][0 if elem_bytes <= 2 else 1]
+
+
+def _gpu_split(b: int, n: int, block_n: int, sms: int) -> int:
+    """Split factor on a GPU. Splitting a batch element's tokens over programs costs traffic:
+    each extra program writes an M x D fp32 partial that the combine (forward) or the final sum
+    (backward) reads back, 2 * split * M * D * 4 bytes per element, 33 % on top of x for ViT-B
+    at M = 8 and split = 2. That buys occupancy only while the batch alone leaves SMs without a
+    program, so split only when B < #SMs, then as `_split` does (fill the device twice over,
+    at least two token blocks per program)."""
+    if b >= sms:
+        return 1
+    return _split(b, n, block_n, sms)
+
+
 def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
                    device: torch.device) -> Config:
     bm = block_m(m)
@@ -89,19 +171,24 @@ def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
         bn = 32 if bm <= 64 else 16
         bd = _block_d(d, elem, 64)
         return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
-    # GPU: the scores tile (BLOCK_M x BLOCK_N fp32) and the x tile (BLOCK_N x BLOCK_D) live in
-    # registers; keep each within ~32 fp32 registers per thread.
-    bn = {16: 64, 32: 64, 64: 32, 128: 16, 256: 16}[bm]
-    bd = _block_d(d, elem, 64 if elem <= 2 else 32)
-    warps = 4 if bm <= 32 else 8
-    return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), warps, 2)
+    bn, bd_cap, warps, stages = _gpu_tiles(_FORWARD_TILES, bm, elem)
+    return Config(bm, bn, _block_d(d, elem, bd_cap), _gpu_split(b, n, bn, num_sms(device)),
+                  warps, stages)
 
 
 def combine_config(d: int, m: int) -> Config:
     """The split-N merge kernel: one program per (batch, BLOCK_D columns)."""
     bm = block_m(m)
-    bd = max(16, min(128 if bm <= 32 else 64, triton.next_power_of_2(d)))
-    return Config(bm, 1, bd, 1, 4, 1)
+    if interpreting():
+        bd = max(16, min(128 if bm <= 32 else 64, triton.next_power_of_2(d)))
+        return Config(bm, 1, bd, 1, 4, 1)
+    # GPU: the kernel holds two BLOCK_M x BLOCK_D fp32 tiles (the running sum and the partial
+    # being added); 32 elements of each per thread keep it far from spilling (a 256 x 64 tile
+    # on 4 warps, 128 fp32 per thread each, spilled 324-548 B on every architecture). 128
+    # columns (512 B of fp32 per row) where BLOCK_M is small, 8 warps for BLOCK_M >= 128.
+    warps = 4 if bm <= 64 else 8
+    bd = max(16, min(128, 32 * 32 * warps // bm, triton.next_power_of_2(d)))
+    return Config(bm, 1, bd, 1, warps, 1)
 
 
 def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
@@ -112,12 +199,9 @@ def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
         bn = 32 if bm <= 64 else 16
         bd = _block_d(d, elem, 64)
         return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
-    # The backward keeps four (BLOCK_M x BLOCK_N) fp32 tiles (s, p, dp, ds) alive across the D
-    # sweep and a (BLOCK_N x BLOCK_D) dx tile, hence smaller token blocks than the forward.
-    bn = {16: 32, 32: 32, 64: 16, 128: 16, 256: 16}[bm]
-    bd = _block_d(d, elem, 64 if elem <= 2 else 32)
-    warps = 4 if bm <= 32 else 8
-    return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), warps, 2)
+    bn, bd_cap, warps, stages = _gpu_tiles(_BACKWARD_TILES, bm, elem)
+    return Config(bm, bn, _block_d(d, elem, bd_cap), _gpu_split(b, n, bn, num_sms(device)),
+                  warps, stages)
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -1,0 +1,702 @@
+"""Key padding mask, strided inputs and the merge weights (return_weights) of the Triton path.
+
+Every numerical comparison follows the suite's accuracy rule (tolerance.py): ours at dtype vs the
+float64 reference, allowed FACTOR x the error of plain PyTorch at dtype plus half an ulp. The
+helpers here (`check_op`, `assert_rule` and the two allowances) are shared with test_fuzz.py and
+test_extreme_inputs.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tolerance import FACTOR, assert_close_to_ref, atol, max_err
+
+import pm_kernels
+import pm_kernels.ops as ops
+from pm_kernels import reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def triton_op(*args, **kwargs):
+    with pm_kernels.use_backend("triton"):
+        return pm_kernels.patch_merger(*args, **kwargs)
+
+
+def make(lead, n, d, m, dtype, *, param_dtype=None, affine=True, gen=None, offset=0.3):
+    """x, queries, weight, bias in the test suite's usual ranges (see test_patch_merger)."""
+    pd = param_dtype or dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = (randn(*lead, n, d) * 1.5 + offset).to(dtype)
+    q = (2.0 * randn(m, d)).to(pd)
+    g = (1.0 + 0.2 * randn(d)).to(pd) if affine else None
+    b = (0.2 * randn(d)).to(pd) if affine else None
+    return x, q, g, b
+
+
+def assert_rule(name, out, baseline, truth, *, dt=None, extra=0.0):
+    """`tolerance.assert_close_to_ref`, with two extensions the fuzzer needs:
+
+    * `dt`: the precision a value was computed at, when it is stored wider. The gradient of an
+      fp32 parameter beside fp16/bf16 x is computed from x-precision operands (and plain PyTorch
+      computes it entirely in x's dtype), so FACTOR and the half-ulp atol are those of x's dtype.
+    * A baseline that is not finite where the truth is finite bounds nothing (err <= NaN is
+      false). That happens when plain PyTorch at dt overflows, e.g. fp16 LayerNorm with
+      eps = 1e-12, which underflows to 0. The baseline is then the truth rounded to dt: the best
+      any dt result can do."""
+    dt = dt or out.dtype
+    if dt == out.dtype and extra == 0.0 and torch.isfinite(baseline).all():
+        return assert_close_to_ref(name, out, baseline, truth)
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    if torch.isfinite(truth).all():
+        assert torch.isfinite(out.double()).all(), f"{name}: non-finite"
+        if not torch.isfinite(baseline).all():
+            baseline = truth.to(dt)
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    err, base = max_err(out, truth), max_err(baseline, truth)
+    bound = FACTOR[dt] * base + atol(dt, scale) + extra
+    assert err <= bound, (f"{name} ({out.dtype}, rule of {dt}): max error {err:.3e} > {FACTOR[dt]} "
+                          f"x PyTorch's {base:.3e} + atol {atol(dt, scale):.3e} + extra {extra:.3e}")
+
+
+def single_live_token_allowance(x, q, g, b, dy, *, eps, scale, mask):
+    """Extra error per gradient for batch elements with exactly one unmasked token.
+
+    Generalises `single_token_allowance` of test_patch_merger.py (N = 1) to masks and any scale:
+    with a single live token p = 1 and ds = p * (dp - Delta) is exactly 0 in PyTorch, while the
+    fused backward takes Delta from the stored y, so its ds is rounding noise of a few ulps of
+    max|dp|; this bounds that noise propagated to each gradient (summed over the batch)."""
+    d, n, m = x.shape[-1], x.shape[-2], q.shape[0]
+    scale = d ** -0.5 if scale is None else scale
+    x3 = x.double().reshape(-1, n, d)
+    live = (mask.expand(*x.shape[:-1]).reshape(-1, n) if mask is not None
+            else torch.ones(x3.shape[:2], dtype=torch.bool))
+    one = live.sum(-1) == 1
+    if not one.any():
+        return {}
+    x3 = x3[one]
+    dy3 = dy.double().reshape(-1, m, d)[one]
+    ulp = torch.finfo(x.dtype).eps
+    g64 = g.double() if g is not None else None
+    b64 = b.double() if b is not None else None
+    xhat = torch.nn.functional.layer_norm(x3, (d,), eps=eps)
+    xn = torch.nn.functional.layer_norm(x3, (d,), g64, b64, eps)
+    rstd = (x3.var(-1, unbiased=False) + eps).rsqrt().amax(-1)
+    dp = dy3 @ xn.transpose(-1, -2)
+    ds_noise = 4 * ulp * dp.abs().amax(dim=(-1, -2))
+    dxn_noise = scale * m * ds_noise * q.abs().max().item()
+    gmax = g.abs().max().item() if g is not None else 1.0
+    return {
+        "dqueries": (scale * ds_noise * xn.abs().amax(dim=(-1, -2))).sum().item(),
+        "dweight": (dxn_noise * xhat.abs().amax(dim=(-1, -2))).sum().item(),
+        "dbias": dxn_noise.sum().item(),
+        "dx": (rstd * gmax * dxn_noise * (2 + xhat.abs().max())).sum().item(),
+    }
+
+
+def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask):
+    """Extra error per gradient from the fused backward's softmax-backward preprocess, any N.
+
+    ds = p * (dp' - Delta') needs sum_n ds = 0 (sum_n p = 1); PyTorch gets it to the last bit by
+    forming Delta = sum_n p dp from the very dp it subtracts it from. The fused backward takes
+    Delta' = sum_d dy (y - b) from the stored y (flash-attention's preprocess) and recomputes dp'
+    in the single-sweep score pass (common.token_block_scores), whose dot operands are x - k
+    (k: a per-token shift) rounded to x's dtype. The two disagree by the rounding noise of a
+    D-term dot product with operands rounded to x's dtype, estimated here as
+        |delta Delta'_m| <= 8 ulp * max_n || dy_m * g * xhat_n ||_2
+    (independent roundings add up like a random walk, hence the 2-norm; |x - k| r <= 2 |xhat|
+    and a safety factor of 2 give the 8), and spread over the tokens as p * delta Delta'.
+    That error is invisible next to PyTorch's own where the score-path gradients are large, and
+    dominates where they are structurally ~0 (dy constant along D, e.g. y.sum().backward(), with
+    g ~ 1: dp' = sum_d g xhat ~ 0; a (near) one-hot softmax; a single live token). Propagated:
+        dqueries <= scale max|g| max|xhat| sum_m dDelta_m          (dW = scale g ds @ xhat)
+        dxn_n    <= scale max|W| sum_m p_mn dDelta_m                 (dxn = p^T dy + scale ds^T W)
+        dbias <= sum_n dxn_n,  dweight <= max|xhat| sum_n dxn_n,  dx_n <= r_n max|g| dxn_n (2 + max|xhat|)
+    summed over the batch (and over an expanded batch for dx)."""
+    d, n, m = x.shape[-1], x.shape[-2], q.shape[0]
+    scale = d ** -0.5 if scale is None else scale
+    x64 = x.double()
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    xhat = torch.nn.functional.layer_norm(x64, (d,), eps=eps)                  # (..., N, D)
+    dyg = dy.double().expand(*x.shape[:-2], m, d) * g64                        # (..., M, D)
+    norms = torch.sqrt(torch.einsum("...md,...nd->...mn", dyg ** 2, xhat ** 2))
+    if mask is not None:
+        norms = norms.masked_fill(~mask.unsqueeze(-2), 0.0)
+    ddelta = 8 * torch.finfo(x.dtype).eps * norms.amax(-1)                     # (..., M)
+    p = reference.patch_merger_weights(x64, q.double(), g64,
+                                       b.double() if b is not None else None, eps=eps,
+                                       scale=scale, mask=mask)                  # (..., M, N)
+    xhat_max = xhat.abs().amax(dim=(-1, -2))                                   # (...,)
+    gmax = g64.abs().max().item()
+    dxn = scale * q.abs().max().item() * (p * ddelta.unsqueeze(-1)).sum(-2)     # (..., N)
+    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt()                         # (..., N)
+    return {
+        "dqueries": (scale * gmax * xhat_max * ddelta.sum(-1)).sum().item(),
+        "dbias": dxn.sum().item(),
+        "dweight": (xhat_max * dxn.sum(-1)).sum().item(),
+        "dx": (rstd * gmax * dxn * (2 + xhat_max.unsqueeze(-1))).reshape(-1, n).sum(0)
+        .max().item(),
+    }
+
+
+def tiny_d_allowance(x, q, g, b, dy, *, eps, scale, mask):
+    """Extra error for D <= 2, where LayerNorm is degenerate: xhat = 0 for D = 1 and +-1 (up to
+    eps) for D = 2, so several gradients are structurally ~0 and only rounding noise, amplified
+    by r = 1/sqrt(var + eps) (1/sqrt(eps) when the two features are equal), remains.
+
+    * dx = r * (g dxn - mean_d(g dxn) - xhat * mean_d(g dxn xhat)) has a bracket of exactly 0
+      (D = 1) or nearly (D = 2). PyTorch takes both means from the very dxn it subtracts them
+      from; the fused backward forms them from per-(m, n) sums of the score pass (backward.py),
+      which differ by the roundings of those sums: ulps of x's dtype (the dot operands' dtype)
+      of sum_m p_mn |dy_m g| + scale sum_m |ds_mn| |W_m g|, times r.
+    * xhat itself is computed as (x - mean) * r: a rounding of |x| times r, in ours and in the
+      float64 truth alike; it enters dweight (sum_n dxn xhat) and dqueries (scale g ds @ xhat).
+      It also reaches y and p: y = sum_n p xn moves by g * dxhat and through the scores
+      s = scale (W g) . xhat, p by p * 2 max|ds|.
+    * dweight / dbias have one or two entries, where the rule's half-ulp atol (rounding luck
+      averaged over many entries) is a coin flip: 2 more ulps of their magnitude.
+    Per token, summed over the batch (an expanded batch sums into one dx)."""
+    d, n = x.shape[-1], x.shape[-2]
+    if d > 2:
+        return {}
+    scale = d ** -0.5 if scale is None else scale
+    ulp = torch.finfo(x.dtype).eps
+    x64 = x.double()
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    b64 = b.double() if b is not None else None
+    q64 = q.double()
+    xn = torch.nn.functional.layer_norm(x64, (d,), g64, b64, eps).detach().requires_grad_()
+    s = (scale * (xn @ q64.transpose(-1, -2)).transpose(-1, -2)).detach().requires_grad_()
+    sm = s.masked_fill(~mask.unsqueeze(-2), float("-inf")) if mask is not None else s
+    empty = torch.isneginf(sm).all(-1, keepdim=True)
+    p = torch.softmax(sm.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    y = p @ xn
+    dy64 = dy.double().expand(y.shape)
+    ds, dxn_y = torch.autograd.grad(y, (s, xn), dy64)                       # through p; direct
+    dxn = dxn_y + scale * (ds.transpose(-1, -2) @ q64)                        # (..., N, D)
+    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt()                        # (..., N)
+    dyg = (dy64 * g64).abs().amax(-1)                                         # (..., M)
+    wg = (q64 * g64).abs().amax(-1)                                           # (M,)
+    terms = (p * dyg.unsqueeze(-1)).sum(-2) + (ds.abs() * wg.unsqueeze(-1)).sum(-2)
+    xhat_err = rstd * x64.abs().amax(-1) * 4 * ulp                           # (..., N)
+    gmax = g64.abs().max().item()
+    db = dxn.reshape(-1, d).sum(0).abs().max().item()
+    xhat = torch.nn.functional.layer_norm(x64, (d,), eps=eps)
+    dg = (dxn * xhat).reshape(-1, d).sum(0).abs().max().item()
+    ds_err = scale * (q64 * g64).abs().sum(-1).max().item() * xhat_err.max().item()
+    return {
+        "y": xhat_err.max().item() * gmax + 2 * ds_err * xn.abs().max().item(),
+        "p": 2 * ds_err * p.max().item(),
+        "dx": (8 * ulp * rstd * gmax * terms).reshape(-1, n).sum(0).max().item(),
+        "dweight": 2 * ulp * dg + (dxn.abs().amax(-1) * xhat_err).sum().item(),
+        "dbias": 2 * ulp * db,
+        "dqueries": scale * gmax * (ds.abs() * xhat_err.unsqueeze(-2)).sum().item(),
+    }
+
+
+def weights_allowance(x, q, g, *, eps, scale, mask):
+    """Extra error of the merge weights p in float32 / float64 (fp16 / bf16 p are rounded to
+    their dtype, far coarser). The kernel returns p = exp2(s2 - lse2) from base-2 scores
+    s2 = scale * log2(e) * (W g) . xhat (the bias term cancels and is never formed) and the
+    log-sum-exp lse2 of the forward: the argument carries roundings at the magnitude of |s2|
+    and |lse2| (a few ulps of the accumulator), so p is off by p * ln 2 * that. softmax
+    rounds at the magnitude of s - max(s) instead, which on rows of a few tokens can be much
+    luckier than the rule's half-ulp atol."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return 0.0
+    d = x.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    xhat = torch.nn.functional.layer_norm(x.double(), (d,), eps=eps)
+    s2 = scale * (xhat @ (q.double() * g64).transpose(-1, -2)).transpose(-1, -2) / math.log(2)
+    live = s2.masked_fill(~mask.unsqueeze(-2), float("-inf")) if mask is not None else s2
+    lse2 = torch.logsumexp(live * math.log(2), -1, keepdim=True) / math.log(2)
+    p = torch.exp2(live - lse2).nan_to_num(0.0)
+    arg = s2.abs() + lse2.nan_to_num(0.0, posinf=0.0, neginf=0.0).abs()
+    return (2 * torch.finfo(x.dtype).eps * math.log(2) * p * arg).max().item()
+
+
+def _run(fn, leaves, view, dy, kwargs):
+    """y = fn(view(x), q, g, b, **kwargs); backward with dy ("sum" for y.sum()) when given."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    x, q, g, b = leaves
+    out = fn(view(x), q, g, b, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    if dy is None:
+        return out, None
+    if isinstance(dy, str):
+        y.sum().backward()
+    else:
+        y.backward(dy)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+def check_op(x, q, g, b, *, dy=None, mask=None, scale=None, eps=1e-5, view=None, fn=triton_op,
+             return_weights=False):
+    """Compare `fn` (default: the public op on the Triton backend) with the reference.
+
+    x is the leaf; `view(x)` (e.g. a transpose, slice or expand of it) is what the op sees, so
+    gradients w.r.t. x also test that the strided path scatters them back correctly. dy: None
+    (forward only), a tensor of y's shape (may be strided), or "sum" (a stride-0 gradient)."""
+    view = view or (lambda t: t)
+    kw = dict(mask=mask, scale=scale, eps=eps)
+    out, grads = _run(fn, (x, q, g, b), view, dy, dict(kw, return_weights=return_weights))
+
+    def ref(cast):
+        def f(x_, q_, g_, b_, **k):
+            return reference.patch_merger(x_, q_, g_, b_, **k)
+        args = [t.to(cast) if t is not None and cast is not None else t for t in (x, q, g, b)]
+        d = dy.to(cast) if isinstance(dy, torch.Tensor) and cast is not None else dy
+        return _run(f, args, view, d, dict(kw, return_weights=return_weights))
+
+    (out_b, grads_b), (out_t, grads_t) = ref(None), ref(torch.float64)
+    y, y_b, y_t = (o[0] if return_weights else o for o in (out, out_b, out_t))
+    dy_t = (torch.ones_like(y_t) if dy is None or isinstance(dy, str) else dy).double()
+    kw_a = dict(eps=eps, scale=scale, mask=mask)
+    allowance = tiny_d_allowance(view(x), q, g, b, dy_t, **kw_a)
+    assert y.dtype == x.dtype
+    assert_rule("y", y.detach(), y_b.detach(), y_t.detach(), extra=allowance.get("y", 0.0))
+    if return_weights:
+        assert out[1].dtype == x.dtype
+        assert_rule("p", out[1], out_b[1], out_t[1], extra=allowance.get("p", 0.0)
+                    + weights_allowance(view(x), q, g, eps=eps, scale=scale, mask=mask))
+    if grads is None:
+        return out
+    for extra in (single_live_token_allowance, delta_noise_allowance):
+        for k_, v_ in extra(view(x), q, g, b, dy_t, **kw_a).items():
+            allowance[k_] = allowance.get(k_, 0.0) + v_
+    for name, gr, gb, gt, t in zip(("dx", "dqueries", "dweight", "dbias"), grads, grads_b,
+                                   grads_t, (x, q, g, b)):
+        if t is None:
+            continue
+        assert gr.dtype == t.dtype, f"{name}: dtype {gr.dtype} != {t.dtype}"
+        assert_rule(name, gr, gb, gt, dt=x.dtype, extra=allowance.get(name, 0.0))
+    return out, grads
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Record the x / dy tensors the launchers receive (to prove no copy was made)."""
+    record = {}
+    fwd, bwd = ops.patch_merger_forward, ops.patch_merger_backward
+
+    def spy_fwd(x, *a, **k):
+        record["fwd_x"] = (x.data_ptr(), x.stride())
+        return fwd(x, *a, **k)
+
+    def spy_bwd(dy, x, *a, **k):
+        record["bwd_dy"] = (dy.data_ptr(), dy.stride())
+        record["bwd_x"] = (x.data_ptr(), x.stride())
+        return bwd(dy, x, *a, **k)
+
+    monkeypatch.setattr(ops, "patch_merger_forward", spy_fwd)
+    monkeypatch.setattr(ops, "patch_merger_backward", spy_bwd)
+    return record
+
+
+# =============================================================================================
+# Strided inputs
+# =============================================================================================
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_x_no_copy(dtype, seen):
+    # x stored as (B, D, N) and viewed as (B, N, D): stride_d = N != 1.
+    xt, q, g, b = make((2,), 40, 37, 5, dtype)
+    xt = xt.transpose(-1, -2).contiguous()                       # the (B, D, N) storage
+    view = lambda t: t.transpose(-1, -2)                         # noqa: E731
+    dy = torch.randn(2, 5, 37).to(dtype)
+    check_op(xt, q, g, b, dy=dy, view=view)
+    assert seen["fwd_x"][1] == (37 * 40, 1, 40)                  # strides reached the kernel
+    assert seen["bwd_x"][1] == (37 * 40, 1, 40)
+
+
+def test_transposed_x_is_not_copied(seen):
+    x = torch.randn(2, 24, 9).transpose(1, 2)
+    triton_op(x, torch.randn(3, 24))
+    assert seen["fwd_x"] == (x.data_ptr(), x.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sliced_x(dtype, seen):
+    # Every other token of a wider, offset buffer: non-unit token stride, non-zero offset.
+    big, q, g, b = make((3,), 2 * 23 + 1, 50, 4, dtype)
+    view = lambda t: t[:, 1::2, 5:45]                            # noqa: E731
+    dy = torch.randn(3, 4, 40).to(dtype)
+    check_op(big, q[:, :40], g[:40], b[:40], dy=dy, view=view)
+    v = view(big)
+    assert seen["fwd_x"][1] == v.stride() and not v.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_expanded_batch_and_stride0_dy(dtype, seen):
+    # x.expand(...) has a stride-0 batch dim; y.sum()'s gradient has every stride 0.
+    x1, q, g, b = make((1,), 30, 24, 6, dtype)
+    view = lambda t: t.expand(4, 30, 24)                         # noqa: E731
+    check_op(x1, q, g, b, dy="sum", view=view)
+    assert seen["fwd_x"][1][0] == 0 and seen["bwd_x"][1][0] == 0
+    assert seen["bwd_dy"][1] == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_dy(dtype, seen):
+    x, q, g, b = make((2,), 21, 33, 7, dtype)
+    big = torch.randn(2, 33, 2 * 7).to(dtype)
+    dy = big.transpose(1, 2)[:, ::2]                             # (2, 7, 33), stride_d = 14
+    check_op(x, q, g, b, dy=dy)
+    assert seen["bwd_dy"][1] == dy.stride()
+
+
+def test_expanded_dy_over_batch(seen):
+    x, q, g, b = make((3,), 19, 40, 4, torch.float32)
+    dy = torch.randn(1, 4, 40).expand(3, 4, 40)
+    check_op(x, q, g, b, dy=dy)
+    assert seen["bwd_dy"][1] == (0, 40, 1)
+
+
+def test_4d_x_permuted_lead_dims():
+    # Leading dims that cannot be merged into one batch stride: ops reshapes (copies) them.
+    x, q, g, b = make((3, 2), 13, 20, 3, torch.float32)
+    view = lambda t: t.transpose(0, 1)                           # noqa: E731
+    check_op(x, q, g, b, dy=torch.randn(2, 3, 3, 20), view=view)
+
+
+@pytest.mark.parametrize("which", ["weight", "bias", "queries"])
+def test_strided_parameters(which):
+    # Regression: weight / bias views with a non-unit stride (or stride 0) were read as if
+    # contiguous by the kernels (wrong y and gradients); the launchers now make them contiguous.
+    x, q, g, b = make((2,), 17, 24, 4, torch.float32)
+    bigs = {"weight": g.repeat_interleave(2), "bias": b.repeat_interleave(2),
+            "queries": q.t().contiguous()}
+    views = {"weight": lambda t: t[::2], "bias": lambda t: t[::2], "queries": lambda t: t.t()}
+    leaf = bigs[which].clone().requires_grad_()
+    args = {"queries": q, "weight": g, "bias": b}
+
+    def fn(op):
+        args_ = dict(args, **{which: views[which](leaf)})
+        leaf.grad = None
+        y = op(x, args_["queries"], args_["weight"], args_["bias"])
+        y.backward(torch.ones_like(y))
+        return y.detach(), leaf.grad.clone()
+
+    assert not views[which](leaf).is_contiguous()
+    y, grad = fn(triton_op)
+    y_ref, grad_ref = fn(reference.patch_merger)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stride0_weight():
+    # A broadcast LayerNorm gain, e.g. torch.tensor(1.3).expand(D).
+    x, q, _, b = make((2,), 9, 16, 3, torch.float32)
+    g = torch.tensor(1.3).expand(16)
+    torch.testing.assert_close(triton_op(x, q, g, b), reference.patch_merger(x, q, g, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sliced", "broadcast-N", "broadcast-4d"])
+def test_strided_and_broadcast_masks(kind):
+    x, q, g, b = make((2, 3) if kind == "broadcast-4d" else (3,), 26, 20, 4, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "sliced":
+        mask = (torch.rand(3, 52, generator=gen) > 0.4)[:, ::2]   # stride_n = 2
+        mask[1, :] = False
+    elif kind == "broadcast-N":
+        mask = torch.rand(26, generator=gen) > 0.4                 # (N,): stride-0 batch
+    else:
+        mask = torch.rand(3, 26, generator=gen) > 0.4              # (3, N) over x (2, 3, N, D)
+    dy = torch.randn(*x.shape[:-2], 4, 20)
+    check_op(x, q, g, b, dy=dy, mask=mask)
+
+
+# =============================================================================================
+# Key padding mask
+# =============================================================================================
+
+def _mask(shape, keep=0.6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=gen) < keep
+    mask[..., 0] = True            # at least one live token per row unless a test says otherwise
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("lead,n,d,m", [((2,), 45, 70, 6), ((2, 2), 9, 24, 3), ((1,), 100, 32, 5)],
+                         ids=["3d", "4d", "split"])
+def test_masked_matches_reference(lead, n, d, m, dtype):
+    x, q, g, b = make(lead, n, d, m, dtype)
+    mask = _mask((*lead, n), seed=n)
+    check_op(x, q, g, b, dy=torch.randn(*lead, m, d).to(dtype), mask=mask, return_weights=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_tokens_have_zero_weight_and_zero_dx(dtype):
+    x, q, g, b = make((2,), 37, 40, 5, dtype)
+    mask = _mask((2, 37), keep=0.5)
+    xl = x.clone().requires_grad_()
+    y, p = triton_op(xl, q, g, b, mask=mask, return_weights=True)
+    y.backward(torch.randn_like(y))
+    assert (p.transpose(-1, -2)[~mask] == 0).all()              # exactly zero weight
+    assert (p.transpose(-1, -2)[mask] > 0).any()
+    torch.testing.assert_close(p.float().sum(-1), torch.ones(2, 5), rtol=0, atol=1e-2)
+    assert (xl.grad[~mask] == 0).all()                          # exactly zero gradient
+    assert (xl.grad[mask] != 0).any()
+
+
+@pytest.mark.parametrize("junk", ["random", "inf", "nan", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_masked_token_values_do_not_matter(junk, dtype):
+    """Overwriting masked tokens (even with inf / NaN) changes neither y nor any gradient of the
+    unmasked part: bitwise, since a masked token is excluded before it meets anything else."""
+    x, q, g, b = make((2,), 40, 36, 4, dtype)
+    mask = _mask((2, 40), keep=0.6, seed=3)
+    x2 = x.clone()
+    fill = {"random": torch.randn(x.shape).to(dtype) * 1e3, "inf": torch.full_like(x, float("inf")),
+            "nan": torch.full_like(x, float("nan"))}
+    fill["mixed"] = torch.where(torch.rand(x.shape) < 0.5, fill["inf"], -fill["inf"])
+    fill["mixed"][..., ::3] = float("nan")
+    x2[~mask] = fill[junk][~mask]
+    dy = torch.randn(2, 4, 36).to(dtype)
+
+    def run(x_):
+        leaves = [t.clone().requires_grad_() for t in (x_, q, g, b)]
+        y, p = triton_op(*leaves, mask=mask, return_weights=True)
+        y.backward(dy)
+        return [y.detach(), p] + [t.grad for t in leaves]
+
+    clean, dirty = run(x), run(x2)
+    for name, a, c in zip(("y", "p", "dx", "dq", "dg", "db"), clean, dirty):
+        assert torch.equal(a, c), name
+    assert (dirty[2][~mask] == 0).all() and torch.isfinite(dirty[2]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_masked_rows_are_zero_with_zero_grads(dtype):
+    x, q, g, b = make((3,), 20, 24, 4, dtype)
+    mask = _mask((3, 20), seed=5)
+    mask[1] = False                                             # batch element 1: nothing kept
+    x[1] = float("nan")                                         # ... and nothing readable
+    leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    y, p = triton_op(*leaves, mask=mask, return_weights=True)
+    y.backward(torch.randn_like(y))
+    assert (y[1] == 0).all() and (p[1] == 0).all()
+    assert (leaves[0].grad[1] == 0).all()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+    # The other batch elements are unaffected: same result as without element 1.
+    keep = [0, 2]
+    y2 = triton_op(x[keep], q, g, b, mask=mask[keep])
+    torch.testing.assert_close(y[keep].detach(), y2, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_all_masked_everything_gives_zero_grads():
+    x, q, g, b = make((2,), 8, 16, 3, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    y = triton_op(*leaves, mask=torch.zeros(2, 8, dtype=torch.bool))
+    y.backward(torch.randn_like(y))
+    assert (y == 0).all()
+    for t in leaves:
+        assert (t.grad == 0).all()
+
+
+def test_module_forward_accepts_mask():
+    mod = pm_kernels.PatchMerger(24, 4)
+    with torch.no_grad():
+        mod.norm.weight.normal_(1.0, 0.2)
+        mod.norm.bias.normal_(0.0, 0.2)
+    x = torch.randn(2, 15, 24)
+    mask = _mask((2, 15), seed=7)
+    with pm_kernels.use_backend("triton"):
+        y, p = mod(x, mask=mask, return_weights=True)
+        y_fn = pm_kernels.patch_merger(x, mod.queries, mod.norm.weight, mod.norm.bias,
+                                       mask=mask, scale=mod.scale)
+    assert torch.equal(y, y_fn)
+    assert (p.transpose(-1, -2)[~mask] == 0).all()
+    ref = reference.patch_merger(x.double(), mod.queries.double(), mod.norm.weight.double(),
+                                 mod.norm.bias.double(), mask=mask)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_reference_agrees_on_masked_case():
+    x, q, g, b = make((2,), 23, 40, 5, torch.float64)
+    mask = _mask((2, 23), seed=11)
+    mask[1, 3:] = False
+    dy = torch.randn(2, 5, 40, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    y = triton_op(*leaves, mask=mask)
+    y.backward(dy)
+    y_cpp = reference.cpp_patch_merger(x, q, g, b, mask=mask)
+    grads_cpp = reference.cpp_patch_merger_backward(dy, x, q, g, b, mask=mask)
+    torch.testing.assert_close(y.detach(), y_cpp, rtol=1e-11, atol=1e-11)
+    for t, gc in zip(leaves, grads_cpp):
+        torch.testing.assert_close(t.grad, gc, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_variable_resolution_packing(dtype):
+    """Two images with different token counts (e.g. 4x3 and 5x4 patch grids) in one padded
+    batch give the same outputs and gradients as running each image on its own."""
+    d, m = 48, 4
+    gen = torch.Generator().manual_seed(2)
+    a, q, g, b = make((1,), 12, d, m, dtype, gen=gen)
+    c, _, _, _ = make((1,), 20, d, m, dtype, gen=gen)
+    packed = torch.full((2, 20, d), float("nan"), dtype=dtype)  # padding is garbage on purpose
+    packed[0, :12], packed[1] = a[0], c[0]
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[0, :12], mask[1] = True, True
+    dy = torch.randn(2, m, d).to(dtype)
+
+    def run(x_, mask_, dy_):
+        leaves = [t.clone().requires_grad_() for t in (x_, q, g, b)]
+        y = triton_op(*leaves, mask=mask_)
+        y.backward(dy_)
+        return y.detach(), [t.grad for t in leaves]
+
+    y_p, gr_p = run(packed, mask, dy)
+    y_a, gr_a = run(a, None, dy[:1])
+    y_c, gr_c = run(c, None, dy[1:])
+    tol = dict(rtol=0, atol=4 * torch.finfo(dtype).eps * 8)    # a few ulps at |y|, |grad| ~ 8
+    torch.testing.assert_close(y_p, torch.cat([y_a, y_c]), **tol)
+    torch.testing.assert_close(gr_p[0][0, :12], gr_a[0][0], **tol)
+    assert (gr_p[0][0, 12:] == 0).all()
+    torch.testing.assert_close(gr_p[0][1], gr_c[0][0], **tol)
+    for i in (1, 2, 3):                                         # parameter grads add up
+        torch.testing.assert_close(gr_p[i].double(), gr_a[i].double() + gr_c[i].double(),
+                                   rtol=0, atol=8 * torch.finfo(dtype).eps * 8)
+
+
+# =============================================================================================
+# return_weights
+# =============================================================================================
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_weights_match_reference(dtype):
+    x, q, g, b = make((2,), 50, 40, 7, dtype)
+    mask = _mask((2, 50), seed=4)
+    mask[1, :] = False
+    mask[1, 10:13] = True
+    y, p = triton_op(x, q, g, b, mask=mask, return_weights=True)
+    assert p.shape == (2, 7, 50) and p.dtype == dtype
+    p_base = reference.patch_merger_weights(x, q, g, b, mask=mask)
+    p_true = reference.patch_merger_weights(*(t.double() for t in (x, q, g, b)), mask=mask)
+    assert_close_to_ref("p", p, p_base, p_true)
+    sums = p.double().sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0,
+                               atol=50 * torch.finfo(dtype).eps)
+
+
+def test_weights_rows_of_all_masked_tokens_sum_to_zero():
+    x, q, g, b = make((2, 2), 10, 16, 3, torch.float32)
+    mask = _mask((2, 2, 10), seed=9)
+    mask[0, 1] = False
+    _, p = triton_op(x, q, g, b, mask=mask, return_weights=True)
+    assert p.shape == (2, 2, 3, 10)
+    sums = p.sum(-1)
+    assert (sums[0, 1] == 0).all()
+    torch.testing.assert_close(sums[mask.any(-1)], torch.ones(3, 3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_weights_are_detached_and_y_is_bitwise_identical(dtype):
+    x, q, g, b = make((2,), 33, 24, 5, dtype)
+    mask = _mask((2, 33), seed=6)
+    leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    y1, p = triton_op(*leaves, mask=mask, return_weights=True)
+    y2 = triton_op(*leaves, mask=mask)
+    assert not p.requires_grad and p.grad_fn is None
+    assert y1.requires_grad
+    assert torch.equal(y1, y2)
+    dy = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, leaves, dy)
+    g2 = torch.autograd.grad(y2, leaves, dy)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+    # Documented as non-differentiable.
+    assert "detached" in pm_kernels.patch_merger.__doc__
+
+
+def test_module_return_weights():
+    mod = pm_kernels.PatchMerger(20, 3)
+    x = torch.randn(2, 11, 20, requires_grad=True)
+    with pm_kernels.use_backend("triton"):
+        y, p = mod(x, return_weights=True)
+    assert y.shape == (2, 3, 20) and p.shape == (2, 3, 11) and not p.requires_grad
+    p_ref = reference.patch_merger_weights(x.detach().double(), mod.queries.detach().double(),
+                                           mod.norm.weight.detach().double(),
+                                           mod.norm.bias.detach().double())
+    torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
+
+
+# =============================================================================================
+# The picture: pm_kernels.viz (matplotlib is the optional extra `viz`)
+# =============================================================================================
+
+def test_merge_assignment():
+    from pm_kernels.viz import merge_assignment
+
+    p = torch.tensor([[0.7, 0.1, 0.0, 0.2, 0.0, 0.0],
+                      [0.2, 0.5, 0.0, 0.3, 0.0, 0.0],
+                      [0.1, 0.4, 0.0, 0.5, 0.0, 0.0]])              # columns 2, 4, 5: masked
+    owner = merge_assignment(p, (2, 3))
+    assert owner.tolist() == [[0, 1, -1], [2, -1, -1]]
+    with pytest.raises(ValueError, match=r"weights have 6 columns but grid 2x2 has 4 patches"):
+        merge_assignment(p, (2, 2))
+    with pytest.raises(ValueError, match=r"weights must have shape \(M, h \* w\)"):
+        merge_assignment(p[None], (2, 3))
+    with pytest.raises(ValueError, match=r"grid must be a pair"):
+        merge_assignment(p, 6)
+
+
+def _merge_weights_of_an_image():
+    x, q, g, b = make((1,), 12, 16, 3, torch.bfloat16)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, 5] = False
+    _, p = triton_op(x, q, g, b, mask=mask, return_weights=True)
+    return p[0]                                                     # (3, 12), bf16
+
+
+def test_render_merge_map(tmp_path):
+    from pm_kernels import viz
+
+    p = _merge_weights_of_an_image()
+    image = (torch.rand(3, 24, 32) * 255).to(torch.uint8)          # CHW uint8
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # Without the optional extra, drawing must fail with the install hint.
+        with pytest.raises(ImportError, match=r"pip install pm-kernels\[viz\]"):
+            viz.render_merge_map(image, p, (3, 4))
+        return
+    out = tmp_path / "map.png"
+    fig = viz.render_merge_map(image, p, (3, 4), path=str(out), token_labels=["a", "b", "c"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+    assert len(fig.axes) == 2 + 3                 # input, argmax overlay, one heat map each
+    owner = torch.from_numpy(viz.merge_assignment(p, (3, 4))).flatten()
+    assert (owner == -1).sum() == 1                                 # the masked token
+    counts = torch.bincount(owner[owner >= 0], minlength=3).tolist()
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == [f"{k} ({c})" for k, c in zip("abc", counts)]
+    # A float HWC image outside [0, 1] (a normalised tensor) and float64 numpy weights work too.
+    fig2 = viz.render_merge_map(torch.randn(24, 32, 3), p.double().numpy(), (3, 4))
+    assert len(fig2.axes) == 5
+    with pytest.raises(ValueError, match=r"token_labels has 2 entries for M = 3"):
+        viz.render_merge_map(image, p, (3, 4), token_labels=["a", "b"])
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W, 3\)"):
+        viz.render_merge_map(torch.rand(5, 24, 32), p, (3, 4))
+
+
+def test_viz_without_matplotlib(monkeypatch):
+    import sys
+
+    from pm_kernels import viz
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib fails
+    with pytest.raises(ImportError, match=r"pip install pm-kernels\[viz\]"):
+        viz.render_merge_map(torch.rand(8, 8, 3), torch.full((2, 4), 0.25), (2, 2))
+    # The numpy-only helper keeps working.
+    assert viz.merge_assignment(torch.eye(2, 4), (2, 2)).tolist() == [[0, 1], [-1, -1]]
