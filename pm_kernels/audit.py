@@ -37,7 +37,8 @@ The compile cache is project-local (`<repo>/.triton_cache/audit`, git-ignored) u
 TRITON_CACHE_DIR is set, so re-runs (and the CI test) only compile what changed.
 
 `TRITON_INTERPRET=1` replaces `@triton.jit` kernels by interpreter objects at import, which
-cannot be compiled; under it `audit()` re-runs itself in a subprocess with the variable unset.
+cannot be compiled: under it the command line re-runs itself with the variable unset, and
+`audit_subprocess()` (what the test suite uses) runs the audit in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ def _spec(kernel, signature, constexprs, attrs):
             out.append(f"{name}={v}")
     for i, name in enumerate(names):
         if signature[name] in ("i32", "i64") and not name.startswith("stride"):
-            if not any(a and a[0][0] == "tt.divisibility" for a in [attrs.get((i,), [])]):
+            hints = attrs.get((i,), [])          # e.g. [["tt.divisibility", 16]]
+            if not any(h[0] == "tt.divisibility" for h in hints):
                 out.append(f"{name}!16")
     return ",".join(out) or "-"
 
@@ -390,6 +392,21 @@ def _capture_fds():
             buf["text"] = tmp.read().decode(errors="replace")
 
 
+@contextlib.contextmanager
+def _env(**values):
+    """Set environment variables (Triton reads its knobs from the environment) for a block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _stats_dir() -> Path:
     return Path(os.environ["TRITON_CACHE_DIR"]) / "ptxas-stats"
 
@@ -400,11 +417,10 @@ def compile_job(job: Job) -> dict:
     from triton.compiler import ASTSource
 
     src = ASTSource(job.kernel, job.signature, job.constexprs, job.attrs)
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     result = dict(error=None, cached=False)
     t0 = time.perf_counter()
     try:
-        with _capture_fds() as out:
+        with _env(TRITON_DUMP_PTXAS_LOG="1"), _capture_fds() as out:
             compiled = triton.compile(src, target=_target(job.arch), options=job.options)
         stats = parse_ptxas(out["text"])
         path = _stats_dir() / f"{compiled.hash}.json"
@@ -416,12 +432,9 @@ def compile_job(job: Job) -> dict:
             result["cached"] = True
         else:
             # Served from a Triton cache filled without the ptxas log: compile once more.
-            os.environ["TRITON_ALWAYS_COMPILE"] = "1"
-            try:
-                with _capture_fds() as out:
-                    compiled = triton.compile(src, target=_target(job.arch), options=job.options)
-            finally:
-                del os.environ["TRITON_ALWAYS_COMPILE"]
+            with _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1"), \
+                    _capture_fds() as out:
+                compiled = triton.compile(src, target=_target(job.arch), options=job.options)
             stats = parse_ptxas(out["text"])
             if stats is None:
                 raise RuntimeError("no ptxas report in the compile output:\n" + out["text"][-2000:])
@@ -429,6 +442,7 @@ def compile_job(job: Job) -> dict:
             path.write_text(json.dumps(stats))
         result.update(stats)
         result["shared"] = int(compiled.metadata.shared)
+        result["hash"] = compiled.hash          # the binary's key in Triton's cache
     except Exception as e:  # a failed compile is a finding, not a crash of the audit
         msg = str(e).strip().splitlines()
         result["error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]

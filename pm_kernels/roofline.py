@@ -145,8 +145,8 @@ def _resolve(kind: str, b, n, d, m, dtype, config, device, sms) -> tuple[Config,
         pick = heuristics.forward_config if kind == "forward" else heuristics.backward_config
         config = pick(b, n, d, m, dtype, device)
         if sms is not None:   # what the heuristics would pick on a device with `sms` SMs
-            config = dataclasses.replace(config, split=heuristics._split(b, n, config.block_n,
-                                                                          sms))
+            split_rule = heuristics._split if heuristics.interpreting() else heuristics._gpu_split
+            config = dataclasses.replace(config, split=split_rule(b, n, config.block_n, sms))
     split = max(1, min(config.split, triton.cdiv(n, config.block_n)))
     return config, split
 
