@@ -50,7 +50,7 @@ def _cuda():
     return torch.cuda.is_available()
 
 
-SHAPES = ("square", "disk", "triangle")
+SHAPES = ("square", "disk", "triangle")           # drawn at random; not part of the label
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95)}
 PAIRS = [(0, 1), (0, 2), (1, 2)]                  # the two colours present in an image
 SIZE, PATCH = 32, 4

@@ -1,7 +1,7 @@
 """`pm_kernels.integrations.replace_patch_mergers`: vit-pytorch models with the fused merger.
 
 Two groups:
-* Unmarked tests (main venv) run on `PatchMerger` below, a verbatim copy of vit-pytorch's class:
+* Unmarked tests (main venv) run on `PatchMerger` below, the vit-pytorch PatchMerger written out (same attributes and formula):
   the swap's bookkeeping (containers, shared modules, parameter identity, optimizers, state
   dicts, modes, scale / eps / affine variants) and its numerics.
 * `@pytest.mark.timm` tests run the real `vit_pytorch.vit_with_patch_merger.ViT`. vit-pytorch
@@ -25,7 +25,8 @@ from pm_kernels.integrations import convert_patch_merger, replace_patch_mergers
 
 
 class PatchMerger(nn.Module):
-    """vit-pytorch's PatchMerger (vit_pytorch/vit_with_patch_merger.py), verbatim."""
+    """The PatchMerger of vit-pytorch (vit_pytorch/vit_with_patch_merger.py), written out: the
+    attributes (`norm`, `queries`, `scale`) and the formula the swap must reproduce."""
 
     def __init__(self, dim, num_tokens_out):
         super().__init__()
@@ -112,7 +113,7 @@ def _fused_modules(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Bookkeeping of the swap (a verbatim vit-pytorch PatchMerger; main venv)
+# Bookkeeping of the swap (the written-out vit-pytorch PatchMerger; main venv)
 # ----------------------------------------------------------------------------------------------
 
 def test_swaps_nested_mergers_and_keeps_parameter_objects(device):

@@ -67,7 +67,8 @@ def test_validate_returns_default_scale():
 @pytest.mark.parametrize("shape", [(D,), ()], ids=["1d", "0d"])
 def test_x_needs_two_dims(shape, no_compute):
     x = torch.randn(shape)
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., N, D\).*at least 2 dims, got "
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., N, D\).*at least 2 dims, "
+                                         r"got "
                        + re.escape(str(tuple(shape)))):
         call(x, torch.randn(M, D))
 
@@ -201,7 +202,8 @@ def test_mask_wrong_dtype(dtype, no_compute):
 
 
 def test_mask_not_a_tensor(no_compute):
-    with pytest.raises(TypeError, match=r"mask must be a torch.Tensor of dtype torch.bool, got list"):
+    with pytest.raises(TypeError, match=r"mask must be a torch.Tensor of dtype torch.bool, "
+                                        r"got list"):
         call(**good(), mask=[True] * N)
 
 
