@@ -4,7 +4,7 @@ The C++ code computes the PatchMerger forward and backward with plain loops and 
 accumulation, sharing no code with the PyTorch reference (pm_kernels/reference.py); the two are a
 cross-check of each other and a float64-grade oracle for the kernels.
 
-It is compiled on first use with `torch.utils.cpp_extension.load` into `<repo>/.build/cpp_reference`
+It is compiled on first use with `torch.utils.cpp_extension.load` into `<repo>/.build/cpp_reference-torch<version>`
 (ninja reuses the objects across processes while the source is unchanged) and loaded once per
 process. It needs the source checkout (csrc_reference/ is not part of an installed wheel), a C++
 compiler and ninja. Set PM_KERNELS_VERBOSE_BUILD=1 to see the compiler output.
@@ -29,7 +29,9 @@ __all__ = ["cpp_forward", "cpp_backward"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _SOURCE = _REPO_ROOT / "csrc_reference" / "patch_merger_ref.cpp"
-_BUILD_DIR = _REPO_ROOT / ".build" / "cpp_reference"
+# One build folder per torch version: the extension links against libtorch, and the test run
+# uses two venvs (torch 2.13 and 2.14) that must not load each other's binary.
+_BUILD_DIR = _REPO_ROOT / ".build" / f"cpp_reference-torch{torch.__version__.replace('+', '_')}"
 _EXTENSION_NAME = "pm_kernels_cpp_reference"
 _OPS_NAMESPACE = "pm_kernels_cpp_ref"  # the TORCH_LIBRARY namespace in the .cpp
 

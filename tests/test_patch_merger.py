@@ -75,7 +75,26 @@ def single_token_allowance(x, q, g, b, dy, eps=1e-5):
     }
 
 
-def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-5):
+def assert_cpp_agrees_with_truth(x, q, g, b, dy, mask=None, scale=None, eps=1e-5):
+    """Three-way validation: the float64 truth the kernels are judged against must itself agree
+    with the independent C++ reference (plain loops, double accumulation, no shared code) to
+    roundoff, so a bug common to the PyTorch reference and the kernels cannot hide."""
+    args = [t.double() if t is not None else None for t in (x, q, g, b)]
+    y_true, grads_true = grads_of(
+        lambda *a: reference.patch_merger(*a, eps=eps, scale=scale, mask=mask), dy.double(), *args)
+    y_cpp = reference.cpp_patch_merger(*args, eps=eps, scale=scale, mask=mask)
+    grads_cpp = reference.cpp_patch_merger_backward(dy.double(), *args, eps=eps, scale=scale,
+                                                    mask=mask)
+    for a, t in zip([y_cpp, *grads_cpp], [y_true, *grads_true]):
+        if t is None:
+            continue
+        # Both are float64 sums of the same terms in different orders: 1e-10 of the largest
+        # magnitude leaves room for cancellation in gradient entries and nothing more.
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-10 * max(t.abs().max().item(), 1.0))
+
+
+def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-5,
+                            cpp_check=False):
     """`ours(x, q, g, b)` -> y; compares y and every gradient with baseline and truth."""
     def ref(dtype_cast):
         def fn(x_, q_, g_, b_):
@@ -85,6 +104,8 @@ def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-
         return grads_of(fn, dy.to(dtype_cast) if dtype_cast else dy, *args)
 
     y, grads = grads_of(ours, dy, x, q, g, b)
+    if cpp_check:
+        assert_cpp_agrees_with_truth(x, q, g, b, dy, mask=mask, scale=scale, eps=eps)
     allowance = single_token_allowance(x, q, g, b, dy, eps) if x.shape[-2] == 1 else {}
     y_base, grads_base = ref(None)
     y_true, grads_true = ref(torch.float64)
@@ -106,7 +127,18 @@ def test_forward_backward_matches_reference(lead, n, d, m, dtype, device):
     def ours(x_, q_, g_, b_):
         with pm_kernels.use_backend("triton"):
             return pm_kernels.patch_merger(x_, q_, g_, b_)
-    check_against_reference(x, q, g, b, dy, ours)
+    check_against_reference(x, q, g, b, dy, ours, cpp_check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_large_case_three_way(dtype, device):
+    # The issue's large case (B=2, N=576, D=1024, M=16) through kernels, PyTorch and C++.
+    x, q, g, b, dy = make_inputs((2,), 576, 1024, 16, dtype, device=device)
+
+    def ours(x_, q_, g_, b_):
+        with pm_kernels.use_backend("triton"):
+            return pm_kernels.patch_merger(x_, q_, g_, b_)
+    check_against_reference(x, q, g, b, dy, ours, cpp_check=True)
 
 
 def test_large_n_uses_split_path(device):
