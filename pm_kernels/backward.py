@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, load_vec, load_x_tile, normalize_tile, to_output,
-                     token_block_scores)
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, normalize_tile, to_output,
+                     token_block, token_block_scores, token_range)
 from .forward import kernel_dtypes, split_hi_lo
 
 
@@ -78,8 +78,8 @@ def _backward_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    scale = hi_lo(scale_hi, scale_lo, ACC)
+    eps = hi_lo(eps_hi, eps_lo, ACC)
 
     x_ptr += pid_b * stride_xb
     dy_ptr += pid_b * stride_dyb
@@ -95,15 +95,10 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + pid_b * M + offs_m, mask=m_in, other=float("-inf"))
     delta = tl.load(delta_ptr + pid_b * M + offs_m, mask=m_in, other=0.0)
 
-    n_start = pid_s * tokens_per_split
-    n_end = tl.minimum(N, n_start + tokens_per_split)
+    n_start, n_end = token_range(N, tokens_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_in = offs_n < n_end
-        valid = n_in
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
-            valid = valid & (keep != 0)
+        offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
+                                          BLOCK_N, HAS_MASK)
 
         shift, mean_rel, rstd, sn, dp, a, cw = token_block_scores(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,

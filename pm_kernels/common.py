@@ -72,6 +72,34 @@ def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC: tl.co
 
 
 @triton.jit
+def hi_lo(hi, lo, ACC: tl.constexpr):
+    """A scalar that arrived as an fp32 (hi, lo) pair (Triton passes Python floats as fp32), in
+    ACC precision: fp64 runs keep scale and eps to ~48 bits, fp32 runs get hi."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def token_range(N, tokens_per_split):
+    """[start, end) of the tokens this program owns: slice program_id(1) of its batch element."""
+    n_start = tl.program_id(1) * tokens_per_split
+    return n_start, tl.minimum(N, n_start + tokens_per_split)
+
+
+@triton.jit
+def token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b, BLOCK_N: tl.constexpr,
+                HAS_MASK: tl.constexpr):
+    """Offsets of the token block starting at n0, which of them exist (n_in: loads) and which of
+    them take part in the softmax (valid: n_in and not masked out by the key padding mask)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_in = offs_n < n_end
+    valid = n_in
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
+        valid = valid & (keep != 0)
+    return offs_n, n_in, valid
+
+
+@triton.jit
 def load_vec(ptr, offs, n, HAS: tl.constexpr, DEFAULT: tl.constexpr, ACC: tl.constexpr):
     """A (D,) parameter slice (LayerNorm weight or bias) as ACC, or DEFAULT when it is None."""
     if HAS:

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, load_vec, load_x_tile, normalize_tile,
-                     softmax_normalizers, to_output, token_block_scores)
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, normalize_tile,
+                     softmax_normalizers, to_output, token_block, token_block_scores, token_range)
 
 
 @triton.jit
@@ -52,9 +52,8 @@ def _forward_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    # scale and eps arrive as fp32 (hi, lo) pairs so fp64 runs keep them to fp64 precision.
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    scale = hi_lo(scale_hi, scale_lo, ACC)
+    eps = hi_lo(eps_hi, eps_lo, ACC)
 
     x_ptr += pid_b * stride_xb
     offs_m = tl.arange(0, BLOCK_M)
@@ -63,17 +62,12 @@ def _forward_kernel(
     row = pid_b * tl.num_programs(1) + pid_s         # this program's scratch row
     acc_ptr += row * M * D
 
-    n_start = pid_s * tokens_per_split
-    n_end = tl.minimum(N, n_start + tokens_per_split)
+    n_start, n_end = token_range(N, tokens_per_split)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_M,), ACC)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_in = offs_n < n_end
-        valid = n_in
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + pid_b * stride_mb + offs_n * stride_mn, mask=n_in, other=0)
-            valid = valid & (keep != 0)
+        offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
+                                          BLOCK_N, HAS_MASK)
 
         shift, mean_rel, rstd, sn, _dp, _a, _cw = token_block_scores(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0,
