@@ -161,8 +161,10 @@ def _gpu_split(b: int, n: int, block_n: int, sms: int) -> int:
     return _split(b, n, block_n, sms)
 
 
-def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
-                   device: torch.device) -> Config:
+def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
+                  device: torch.device) -> Config:
+    """Config of a kernel that walks tokens in BLOCK_N blocks and D in BLOCK_D tiles (the forward
+    and the backward), from its GPU tile table."""
     bm = block_m(m)
     elem = torch.empty((), dtype=dtype).element_size()
     if interpreting():
@@ -171,9 +173,14 @@ def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
         bn = 32 if bm <= 64 else 16
         bd = _block_d(d, elem, 64)
         return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
-    bn, bd_cap, warps, stages = _gpu_tiles(_FORWARD_TILES, bm, elem)
+    bn, bd_cap, warps, stages = _gpu_tiles(table, bm, elem)
     return Config(bm, bn, _block_d(d, elem, bd_cap), _gpu_split(b, n, bn, num_sms(device)),
                   warps, stages)
+
+
+def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
+                   device: torch.device) -> Config:
+    return _token_config(_FORWARD_TILES, b, n, d, m, dtype, device)
 
 
 def combine_config(d: int, m: int) -> Config:
@@ -193,15 +200,7 @@ def combine_config(d: int, m: int) -> Config:
 
 def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
                     device: torch.device) -> Config:
-    bm = block_m(m)
-    elem = torch.empty((), dtype=dtype).element_size()
-    if interpreting():
-        bn = 32 if bm <= 64 else 16
-        bd = _block_d(d, elem, 64)
-        return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
-    bn, bd_cap, warps, stages = _gpu_tiles(_BACKWARD_TILES, bm, elem)
-    return Config(bm, bn, _block_d(d, elem, bd_cap), _gpu_split(b, n, bn, num_sms(device)),
-                  warps, stages)
+    return _token_config(_BACKWARD_TILES, b, n, d, m, dtype, device)
 
 
 def input_precision(dtype: torch.dtype) -> str:
