@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, normalize_tile, to_output,
-                     token_block, token_block_scores, token_range)
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
+                     to_output, token_block, token_block_scores, token_range)
 from .forward import kernel_dtypes, split_hi_lo
 
 
@@ -126,10 +126,10 @@ def _backward_kernel(
                          mask=md_in, other=0.0)
             w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
                         other=0.0)
-            dxn = tl.dot(p_t, as_operand(dy.to(ACC), DOT_DTYPE, EMULATE_BF16),
-                         input_precision=INPUT_PRECISION, out_dtype=ACC)
-            dxn = tl.dot(sds_t, as_operand(w.to(ACC), DOT_DTYPE, EMULATE_BF16), dxn,
-                         input_precision=INPUT_PRECISION, out_dtype=ACC)   # (BLOCK_N, BLOCK_D)
+            dxn = mma(p_t, as_operand(dy.to(ACC), DOT_DTYPE, EMULATE_BF16),
+                      tl.zeros((BLOCK_N, BLOCK_D), ACC), INPUT_PRECISION, ACC)
+            dxn = mma(sds_t, as_operand(w.to(ACC), DOT_DTYPE, EMULATE_BF16), dxn,
+                      INPUT_PRECISION, ACC)                                 # (BLOCK_N, BLOCK_D)
 
             g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
             dx = rstd[:, None] * (dxn * g[None, :] - mean_gdxn[:, None]
@@ -142,8 +142,7 @@ def _backward_kernel(
             # Partial sums: the first token block of a program starts them from zero.
             dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
             dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
-            dw = tl.dot(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw,
-                        input_precision=INPUT_PRECISION, out_dtype=ACC)
+            dw = mma(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw, INPUT_PRECISION, ACC)
             tl.store(dw_ptrs, dw, mask=md_in)
             if NEED_DG:
                 dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
@@ -189,8 +188,8 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
         num_warps=cfg.num_warps, num_stages=1,
     )
 
-    split = max(1, min(cfg.split, triton.cdiv(n, cfg.block_n)))
-    tokens_per_split = triton.cdiv(triton.cdiv(n, split), cfg.block_n) * cfg.block_n
+    split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
+    tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
     parts = bsz * split
     dx = torch.empty((bsz, n, d), dtype=x.dtype, device=dev)
     dw_part = torch.empty((parts, m, d), dtype=acc_torch, device=dev)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(v) = exp2(v * LOG2E)
+SHIFT_D = tl.constexpr(16)                # features averaged for the per-token shift k
 
 
 @triton.jit
@@ -43,6 +44,18 @@ def as_operand(v, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
         return round_to_bf16(v.to(tl.float32))
     else:
         return v.to(DOT_DTYPE)
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b, accumulated in ACC: tl.dot, except for fp64. Triton 3.6's fp64 MMA lowering
+    aborts on some tiles (assertion "fp64 don't support largeK MMA", seen on an H100 for a
+    masked fp64 forward), so fp64, the gradcheck dtype and never a speed path, multiplies and
+    sums in registers instead (exact fp64 FMA arithmetic)."""
+    if ACC == tl.float64:
+        return acc + tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -137,6 +150,41 @@ def softmax_normalizers(m, l):
 
 
 @triton.jit
+def _column(x0, offs_d, j):
+    """Column j of the tile x0, as a (BLOCK_N,) vector in the tile's row layout. Exact: the sum
+    over a row adds one value to zeros, in whatever order the layout reduces."""
+    return tl.sum(tl.where(offs_d[None, :] == j, x0, 0.0), axis=1)
+
+
+@triton.jit
+def _four_columns(x0, offs_d, j):
+    return ((_column(x0, offs_d, j) + _column(x0, offs_d, j + 1))
+            + (_column(x0, offs_d, j + 2) + _column(x0, offs_d, j + 3)))
+
+
+@triton.jit
+def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
+    """The per-token shift k of `token_block_scores`: the mean of the token's first SHIFT_D = 16
+    features, summed as a fixed pairwise tree of columns of x0, the token block's first D tile
+    (zero beyond D).
+
+    k must be the same number in the forward and the backward, which recompute the scores with
+    their own BLOCK_D, BLOCK_N and warp counts: the 16-bit dot operands are x - k rounded to
+    x's dtype, and a k that differs in the last bit rounds them differently. (When k was the
+    mean of the first D tile, `tl.sum` over the tile, the two kernels' k differed: the order of
+    a reduction follows the tile's layout. At |s| ~ 1e5 s2 then moved by hundreds and the
+    saturated-softmax gradients were NaN: tests/test_extreme_inputs.py.) The tree of exact
+    column extractions does not depend on the layout. It is also exact for a constant token
+    (sums of 2^j equal values, then / 16), which keeps var = 0 exactly. The columns come out of
+    the tile already in its row layout: loading them separately as (BLOCK_N,) vectors needed a
+    layout conversion that cost the forward its last free registers (a 4 B spill on sm_90)."""
+    tl.static_assert(BLOCK_D >= SHIFT_D)
+    total = ((_four_columns(x0, offs_d, 0) + _four_columns(x0, offs_d, 4))
+             + (_four_columns(x0, offs_d, 8) + _four_columns(x0, offs_d, 12)))
+    return total / tl.minimum(D, SHIFT_D)
+
+
+@triton.jit
 def token_block_scores(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
     w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
@@ -159,10 +207,11 @@ def token_block_scores(
         cw[m]    = sum_d W[m,d] g[d]                      (WITH_DY)
 
     Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
-    x shifted by k_n, the mean of the token's first D tile, and the shift is undone at the end:
+    x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
+    at the end:
         sum_d A[m,d] xhat[n,d] = r_n * (sum_d A[m,d] (x[n,d] - k_n) - (mu_n - k_n) * sum_d A[m,d]).
     The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is within a few
-    standard deviations of mu_n (it is the mean of BLOCK_D of the token's own values), neither
+    standard deviations of mu_n (it is the mean of SHIFT_D of the token's own values), neither
     form suffers the E[x^2] - E[x]^2 cancellation, even for mean 1e4 and std 1e-2: the values
     that reach the dot are of the size of the spread, not of the offset. A[m,d] enters both
     terms exactly as it enters the dot (rounded to DOT_DTYPE), so the correction is consistent.
@@ -171,7 +220,7 @@ def token_block_scores(
     m_rows = offs_m[:, None]
 
     x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
-    k = tl.sum(x0, axis=1) / tl.minimum(D, BLOCK_D)
+    k = shift_of_tokens(x0, offs_d, D, BLOCK_D)
 
     s1 = tl.zeros_like(k)
     s2 = tl.zeros_like(k)
@@ -195,14 +244,13 @@ def token_block_scores(
         w = tl.load(w_ptr + m_rows * stride_wm + cols[None, :], mask=md_in, other=0.0)
         wg = as_operand(w.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
         c_s += tl.sum(wg.to(ACC), axis=1)
-        acc_s = tl.dot(wg, xk_t, acc_s, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
         if WITH_DY:
             dy = tl.load(dy_ptr + m_rows * stride_dym + cols[None, :] * stride_dyd,
                          mask=md_in, other=0.0).to(ACC)
             dyg = as_operand(dy * g[None, :], DOT_DTYPE, EMULATE_BF16)
             c_dp += tl.sum(dyg.to(ACC), axis=1)
-            acc_dp = tl.dot(dyg, xk_t, acc_dp, input_precision=INPUT_PRECISION,
-                            out_dtype=ACC)
+            acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
             a += tl.sum(dy * g[None, :], axis=1)
             cw += tl.sum(w.to(ACC) * g[None, :], axis=1)
 

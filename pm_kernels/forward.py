@@ -21,12 +21,14 @@ saving per-token statistics (8 bytes/token written here and read there) would bu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, normalize_tile,
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
                      softmax_normalizers, to_output, token_block, token_block_scores, token_range)
 
 
@@ -97,7 +99,7 @@ def _forward_kernel(
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
             xhat = as_operand(normalize_tile(x, shift, mean_rel, rstd, valid), DOT_DTYPE,
                               EMULATE_BF16)
-            pv = tl.dot(p_op, xhat, input_precision=INPUT_PRECISION, out_dtype=ACC)
+            pv = mma(p_op, xhat, tl.zeros((BLOCK_M, BLOCK_D), ACC), INPUT_PRECISION, ACC)
             # The first block of a program starts from acc = 0: the masked load reads nothing.
             acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
             acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0) * alpha[:, None] + pv
@@ -185,8 +187,10 @@ def kernel_dtypes(dtype: torch.dtype):
     return _TL_DTYPE[dtype], emulate, _TL_DTYPE[acc], acc
 
 
+@functools.lru_cache(maxsize=256)
 def split_hi_lo(v: float):
-    """v as two fp32 numbers whose fp64 sum is v to ~48 bits (Triton passes floats as fp32)."""
+    """v as two fp32 numbers whose fp64 sum is v to ~48 bits (Triton passes floats as fp32).
+    Cached: eps and scale are the same on every call, and two tensor round trips are not free."""
     hi = float(torch.tensor(v, dtype=torch.float32))
     return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
@@ -208,8 +212,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     lse = torch.empty((bsz, m), dtype=acc_torch, device=x.device)
     scores = (torch.empty((bsz, m, n), dtype=acc_torch, device=x.device)
               if return_scores else None)
-    split = max(1, min(cfg.split, triton.cdiv(n, cfg.block_n)))
-    tokens_per_split = triton.cdiv(triton.cdiv(n, split), cfg.block_n) * cfg.block_n
+    split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
+    tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
     needs_scratch = split > 1 or n > cfg.block_n
     acc = (torch.empty((bsz, split, m, d), dtype=acc_torch, device=x.device)
            if needs_scratch else lse)
@@ -238,7 +242,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     )
     if split > 1:
         ccfg = heuristics.combine_config(d, m)
-        _combine_kernel[(bsz, triton.cdiv(d, ccfg.block_d))](
+        _combine_kernel[(bsz, heuristics.cdiv(d, ccfg.block_d))](
             acc, ml, w, b, y, lse, d, m, split,
             BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
             HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,

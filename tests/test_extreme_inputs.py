@@ -14,12 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 from test_mask_strides_weights import check_op, make, triton_op
+from conftest import gen as make_gen
 from tolerance import assert_close_to_ref
 
 import pm_kernels
 from pm_kernels import reference
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # numpy on inf / NaN data
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),   # numpy on inf / NaN data
+              pytest.mark.usefixtures("default_device")]
 
 
 # =============================================================================================
@@ -120,7 +122,7 @@ def test_large_mean_small_std(dtype, mean, std):
     be as accurate on the offset data as PyTorch is on centred data, i.e. the offset must cost
     nothing. (Before the two-step centring in `common.normalize_tile`, fp32 y was off by 3e-2
     and dbias by 0.2 here, where the centred baseline is off by 1e-6.)"""
-    gen = torch.Generator().manual_seed(0)
+    gen = make_gen(0)
     x = (mean + std * torch.randn(2, 40, 100, generator=gen, dtype=torch.float64)).to(dtype)
     _, q, g, b = make((2,), 40, 100, 6, dtype, gen=gen)
     dy = torch.randn(2, 6, 100, generator=gen).to(dtype)
@@ -149,7 +151,7 @@ def test_scores_overflowing_exp_unsaturated(dtype):
     """Every score is ~1e3 (exp(89) already overflows fp32) while the scores of a row differ by
     O(1), so the softmax is far from one-hot and every gradient is meaningful: only the running
     max subtraction makes this computable. Forward, weights and all gradients follow the rule."""
-    gen = torch.Generator().manual_seed(3)
+    gen = make_gen(3)
     n, d, m = 37, 64, 4
     v = torch.randn(d, generator=gen, dtype=torch.float64)
     v = (v - v.mean()) / v.std(unbiased=False)                   # a shared token pattern
@@ -312,3 +314,25 @@ def test_non_finite_token_in_split_path_is_nan_not_zero(pos):
     assert torch.isnan(y).all() and torch.isnan(p).all()
     y.backward(torch.ones_like(y))
     assert torch.isnan(leaves[1].grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_tile_need_not_match_forward_tile(dtype):
+    """The forward and the backward choose their D tiles independently (heuristics' two tables:
+    64 and 32 columns at the paper's M on a GPU). The backward recomputes the scores and takes
+    p = exp2(s2 - lse2) against the forward's lse2, so both must form s2 from the same rounded
+    dot operands: (x - k) rounded to x's dtype, with the per-token shift k. When k was the mean
+    of the first D *tile*, it differed between the two kernels, the 16-bit operands rounded
+    differently, and at |s| ~ 1e5 (queries x 1e3, scale 10) s2 moved by hundreds: p overflowed
+    and every gradient was NaN (seen on an H100). Here the two tiles differ on any device."""
+    from pm_kernels.backward import patch_merger_backward
+    from pm_kernels.forward import patch_merger_forward
+    from pm_kernels.heuristics import Config
+
+    x, q, g, b = make((2,), 30, 96, 5, dtype)
+    q = (q.float() * 1e3).to(dtype)
+    dy = torch.randn(2, 5, 96).to(dtype)
+    y, lse, _ = patch_merger_forward(x, q, g, b, 1e-5, 10.0, config=Config(16, 32, 64, 1, 4, 1))
+    for bwd in (Config(16, 32, 16, 1, 4, 1), Config(16, 16, 32, 2, 4, 1)):
+        grads = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, 10.0, config=bwd)
+        assert all(torch.isfinite(t).all() for t in grads), bwd
