@@ -87,8 +87,8 @@ ARCHS = {
 DEFAULT_ARCHS = (80, 90, 100, 120)   # sm_100 / sm_120 only where the installed Triton targets them
 
 DTYPES = ("fp16", "bf16", "fp32")
-# Opt-in: "tf32" is fp32 under torch.set_float32_matmul_precision("high") (tl.dot in one tf32
-# MMA instead of tf32x3, a different binary); fp64 compiles to FMA code and is not a GPU target
+# Opt-in: "tf32" is fp32 under torch.set_float32_matmul_precision("medium") (tl.dot in one tf32
+# MMA instead of fp32 FMA, a different binary); fp64 compiles to FMA code and is not a GPU target
 # of this project, but must still compile.
 EXTRA_DTYPES = ("tf32", "fp64")
 # The model widths of the ViTs we care about (B/16, L/16, H/14, g/14, 1664 = ViT-G/14 and
@@ -141,7 +141,7 @@ def _matmul_precision(dtype: str):
     """fp32 launches pick tl.dot's input precision from torch's fp32 matmul precision."""
     import torch
     saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    torch.set_float32_matmul_precision("medium" if dtype == "tf32" else "highest")
     try:
         yield
     finally:
@@ -665,7 +665,7 @@ def main(argv=None) -> int:
                         "those the installed Triton cannot target are skipped)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES + EXTRA_DTYPES,
                    help=f"input dtypes (default {' '.join(DTYPES)}; tf32 = fp32 under "
-                        "torch.set_float32_matmul_precision('high'))")
+                        "torch.set_float32_matmul_precision('medium'))")
     p.add_argument("--variant", nargs="+", choices=VARIANTS,
                    help=f"argument variants (default {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--d", type=int, nargs="+", help="feature widths D")

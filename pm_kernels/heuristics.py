@@ -17,7 +17,6 @@ import functools
 import os
 
 import torch
-import triton
 
 MAX_M = 256
 
@@ -35,9 +34,14 @@ class Config:
     num_stages: int = 2
 
 
+# Read once: `@triton.jit` decides at decoration, i.e. when pm_kernels is imported, whether the
+# kernels are interpreter objects, and nothing set later changes that.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,24 +59,35 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers. (`triton.cdiv` is a constexpr function since Triton
+    3.5: a few microseconds per host call, and the launchers call it on every launch.)"""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1), for host integers."""
+    return 1 << max(0, v - 1).bit_length()
+
+
 def block_m(m: int) -> int:
     # tl.dot needs every dimension >= 16 on NVIDIA GPUs.
-    return max(16, triton.next_power_of_2(m))
+    return max(16, next_pow2(m))
 
 
 def _block_d(d: int, elem_bytes: int, cap: int) -> int:
     # 16-byte vector loads want >= 8 fp16 / 4 fp32 contiguous columns; 64 columns of fp16
     # (128 B, one cache line) per row keep every load coalesced without wasting much of a
     # masked last tile (D = 1000 uses 16 tiles of 64, 2.3 % padding).
-    return max(16, min(cap, triton.next_power_of_2(d)))
+    return max(16, min(cap, next_pow2(d)))
 
 
 def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None) -> int:
     """How many programs share one batch element's tokens: enough programs to fill the device
     twice over, but at least two token blocks per program (fewer would make the split's
     partial state (M x D fp32) cost as much traffic as the tokens it saves)."""
-    want = triton.cdiv(2 * sms, max(b, 1))
-    most = max(1, triton.cdiv(n, 2 * block_n))
+    want = cdiv(2 * sms, max(b, 1))
+    most = max(1, cdiv(n, 2 * block_n))
     s = max(1, min(want, most))
     if max_split is not None:
         s = min(s, max_split)
@@ -128,16 +143,29 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # tried; such sizes are better run in bf16.
 # Shared memory stays far below every per-block limit (<= 82 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
+#
+# Measured (H100 SXM, bf16, M=8; `python -m bench.tune`, 16 forward and 12 backward tiles x
+# split factors on ViT-B/16 (B=256 N=196 D=768), ViT-H/14 (B=256 N=256 D=1280) and B=8 N=4096
+# D=1024; the runs are summarised in bench/results/README.md). Backward: a program per token
+# block beats a program per batch element by 1.4-1.9x (`_backward_split`): at these sizes the
+# kernels are bound by latency, not bytes, and the extra programs buy more loads in flight than
+# their extra partial rows cost. Among the spill-free tiles, 64 x 32 on 4 warps was the fastest
+# (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
+# 0.543). 32 x 64 was faster still (0.345 / 0.672) but spills 4 B on sm_90 with fp32 parameters
+# (the autocast case), as do the fastest forward tiles (128 x 32, 8 warps, 3 stages: 0.121 ms on
+# ViT-B vs 0.157 for the 64 x 64 kept here; 64 x 64 on 4 warps: 0.139, spills 4-16 B on sm_80
+# or sm_90): the zero-spill rule above still decides, so those gains wait for a kernel with
+# fewer live registers. The other tiers are as the audit chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
-    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 117-128 / 95-128 (paper M)
+    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 152 / 156 (paper M)
     32: ((32, 64, 8, 2), (64, 32, 4, 1)),     # 103-128 / 103-128 | 240-255 / 226-232
     64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 116-128 / 97-134 | 213-255 / 159-247
     128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 108-128 / 96-124 | 119-128 / 117-128
     256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 96-124 | 191-228 / 167-236
 }
 _BACKWARD_TILES = {
-    16: ((32, 32, 4, 1), (32, 16, 4, 1)),     # 95-160 / 72-124 | 125-168 / 119-152 (paper M)
+    16: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 205-226 / 154-204 | 168 / 162 (paper M)
     32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-220 / 168-208 | 241-251 / 229-249
     64: ((32, 32, 4, 1), (16, 16, 8, 1)),     # 198-241 / 168-227 | 255, spills 4 / 24 B
     128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 226-255 / 208-246 | 255, spills 60 / 120 B
@@ -161,12 +189,23 @@ def _gpu_split(b: int, n: int, block_n: int, sms: int) -> int:
     return _split(b, n, block_n, sms)
 
 
+def _backward_split(b: int, n: int, m: int, block_n: int, elem_bytes: int, sms: int) -> int:
+    """Split factor of the backward on a GPU at BLOCK_M = 16: one token block per program (see
+    "Measured" above), within two caps on the fp32 partial rows (dW: M x D, dg and db: D, per
+    program) that the final sums read back: at most 16 programs per SM in all, and partial bytes
+    at most the bytes of x (split * M * 4 <= N * elem_bytes)."""
+    blocks = cdiv(n, block_n)
+    by_programs = max(1, 16 * sms // max(b, 1))
+    by_bytes = max(1, n * elem_bytes // (4 * max(m, 1)))
+    return max(1, min(blocks, by_programs, by_bytes))
+
+
 def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
-                  device: torch.device) -> Config:
+                  device: torch.device, backward: bool = False) -> Config:
     """Config of a kernel that walks tokens in BLOCK_N blocks and D in BLOCK_D tiles (the forward
     and the backward), from its GPU tile table."""
     bm = block_m(m)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if interpreting():
         # The interpreter's cost is per program and per tile operation, so bigger tiles are
         # simply faster; keep them moderate so tests still cross tile boundaries.
@@ -174,8 +213,23 @@ def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
         bd = _block_d(d, elem, 64)
         return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
     bn, bd_cap, warps, stages = _gpu_tiles(table, bm, elem)
-    return Config(bm, bn, _block_d(d, elem, bd_cap), _gpu_split(b, n, bn, num_sms(device)),
-                  warps, stages)
+    if elem == 8:
+        # fp64 (gradcheck, references) multiplies in registers (`common.mma`), whose
+        # BLOCK_M x BLOCK_N x BLOCK_D product tile must stay small.
+        bn, bd_cap, warps, stages = 16, 16, 4, 1
+    split = split_rule(backward, b, n, m, bm, bn, elem, num_sms(device))
+    return Config(bm, bn, _block_d(d, elem, bd_cap), split, warps, stages)
+
+
+def split_rule(backward: bool, b: int, n: int, m: int, bm: int, bn: int, elem_bytes: int,
+               sms: int) -> int:
+    """The split factor the GPU heuristics give a token kernel on a device with `sms` SMs
+    (also what `roofline` uses to count the bytes of a hypothetical device)."""
+    if interpreting():
+        return _split(b, n, bn, sms)
+    if backward and bm == 16 and elem_bytes <= 2:
+        return _backward_split(b, n, m, bn, elem_bytes, sms)
+    return _gpu_split(b, n, bn, sms)
 
 
 def forward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
@@ -187,28 +241,29 @@ def combine_config(d: int, m: int) -> Config:
     """The split-N merge kernel: one program per (batch, BLOCK_D columns)."""
     bm = block_m(m)
     if interpreting():
-        bd = max(16, min(128 if bm <= 32 else 64, triton.next_power_of_2(d)))
+        bd = max(16, min(128 if bm <= 32 else 64, next_pow2(d)))
         return Config(bm, 1, bd, 1, 4, 1)
     # GPU: the kernel holds two BLOCK_M x BLOCK_D fp32 tiles (the running sum and the partial
     # being added); 32 elements of each per thread keep it far from spilling (a 256 x 64 tile
     # on 4 warps, 128 fp32 per thread each, spilled 324-548 B on every architecture). 128
     # columns (512 B of fp32 per row) where BLOCK_M is small, 8 warps for BLOCK_M >= 128.
     warps = 4 if bm <= 64 else 8
-    bd = max(16, min(128, 32 * 32 * warps // bm, triton.next_power_of_2(d)))
+    bd = max(16, min(128, 32 * 32 * warps // bm, next_pow2(d)))
     return Config(bm, 1, bd, 1, warps, 1)
 
 
 def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
                     device: torch.device) -> Config:
-    return _token_config(_BACKWARD_TILES, b, n, d, m, dtype, device)
+    return _token_config(_BACKWARD_TILES, b, n, d, m, dtype, device, backward=True)
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision. fp32 inputs follow torch.get_float32_matmul_precision():
-    "highest" keeps fp32 accuracy with tf32x3 (three tf32 MMAs; plain "ieee" compiles to FMA
-    code that spills), "high"/"medium" allow tf32. fp16/bf16/fp64 ignore the setting."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    if dtype == torch.float32:
-        return "tf32x3"
-    return "ieee"
+    """`tl.dot` input precision, following torch.get_float32_matmul_precision() the way torch's
+    own matmuls do: "highest" (the default) is full fp32 ("ieee": FMA, no tensor cores), "high"
+    is tf32x3 (three tf32 MMAs on hi/lo operand splits, ~2^-21 relative error per product; torch
+    allows tf32x3 or bf16x3 there), "medium" is one tf32 MMA. fp16/bf16/fp64 ignore the setting.
+    Measured on an H100: tf32x3 under "highest" made fp32 dx and dbias 4-6.5x less accurate than
+    torch's fp32 (tests/test_patch_merger.py), so "highest" must not use it."""
+    if dtype != torch.float32:
+        return "ieee"
+    return {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 
 import torch
-import triton
 
 from . import heuristics
 from .heuristics import Config
@@ -126,11 +125,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def token_ranges(n: int, split: int, block_n: int) -> list[tuple[int, int]]:
     """(tokens, token blocks) of each of the `split` programs of one batch element, exactly as
     the launchers partition the token axis (a trailing program may get no tokens)."""
-    per = triton.cdiv(triton.cdiv(n, split), block_n) * block_n
+    per = heuristics.cdiv(heuristics.cdiv(n, split), block_n) * block_n
     out = []
     for s in range(split):
         tokens = max(0, min(n, (s + 1) * per) - s * per)
-        out.append((tokens, triton.cdiv(tokens, block_n)))
+        out.append((tokens, heuristics.cdiv(tokens, block_n)))
     return out
 
 
@@ -145,9 +144,10 @@ def _resolve(kind: str, b, n, d, m, dtype, config, device, sms) -> tuple[Config,
         pick = heuristics.forward_config if kind == "forward" else heuristics.backward_config
         config = pick(b, n, d, m, dtype, device)
         if sms is not None:   # what the heuristics would pick on a device with `sms` SMs
-            split_rule = heuristics._split if heuristics.interpreting() else heuristics._gpu_split
-            config = dataclasses.replace(config, split=split_rule(b, n, config.block_n, sms))
-    split = max(1, min(config.split, triton.cdiv(n, config.block_n)))
+            split = heuristics.split_rule(kind == "backward", b, n, m, config.block_m,
+                                          config.block_n, dtype.itemsize, sms)
+            config = dataclasses.replace(config, split=split)
+    split = max(1, min(config.split, heuristics.cdiv(n, config.block_n)))
     return config, split
 
 
@@ -198,7 +198,7 @@ def forward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.flo
         dram_c = {"split partials (acc)": b * partial_wr,
                   "split partials (m, l)": b * split * 2 * m * acc,
                   "y": b * m * d * e, "lse": b * m * acc, "params (g, b)": n_affine * d * pe}
-        d_blocks = triton.cdiv(d, heuristics.combine_config(d, m).block_d)
+        d_blocks = heuristics.cdiv(d, heuristics.combine_config(d, m).block_d)
         # every (batch, D block) program reads all (m, l) pairs twice (max pass, sum pass)
         l2_c = {"(m, l) re-read": b * (2 * d_blocks - 1) * split * 2 * m * acc}
         launches.append(LaunchBytes("_combine_kernel", dram_c, l2_c))
