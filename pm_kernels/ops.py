@@ -153,11 +153,9 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("pm_kernels::fwd", mutates_args=())
-def _fwd(x: Tensor, queries: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-         mask: Optional[Tensor], eps: float, scale: float,
-         return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
+def _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights):
+    """The forward launch behind both entry points (`_fwd`, `_EagerFn`).
+    Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
     y, lse, scores = patch_merger_forward(x, queries, weight, bias, eps, scale, mask,
                                           return_scores=return_weights)
     if return_weights:
@@ -167,6 +165,14 @@ def _fwd(x: Tensor, queries: Tensor, weight: Optional[Tensor], bias: Optional[Te
     else:
         p = x.new_empty((0,))
     return y, lse, p
+
+
+@torch.library.custom_op("pm_kernels::fwd", mutates_args=())
+def _fwd(x: Tensor, queries: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+         mask: Optional[Tensor], eps: float, scale: float,
+         return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
+    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
 
 
 @_fwd.register_fake
@@ -213,6 +219,39 @@ def _backward(ctx, dy, _dlse, _dp):
 
 
 torch.library.register_autograd("pm_kernels::fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerFn(torch.autograd.Function):
+    """The same forward, saved tensors and backward as the custom op, for eager mode.
+
+    The custom op is what torch.compile needs (a graph node with a fake implementation), but
+    its eager dispatch costs several hundred microseconds of Python per call (argument
+    normalisation, redispatch, the dynamo-disable wrapper; measured with cProfile on this
+    project's CPU machine), which is as long as the kernels themselves take at ViT-B sizes on
+    an H100. Outside compilation `patch_merger` takes this direct path instead."""
+
+    @staticmethod
+    def forward(ctx, x, queries, weight, bias, mask, eps, scale, return_weights):
+        y, lse, p = _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
+        _setup_context(ctx, (x, queries, weight, bias, mask, eps, scale, return_weights),
+                       (y, lse, p))
+        return y, lse, p
+
+    @staticmethod
+    def backward(ctx, dy, _dlse, _dp):
+        x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
+        dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, ctx.eps,
+                                               ctx.scale, mask)
+        return dx, dq, dg, db, None, None, None, None
+
+
+def _forward_op(x, queries, weight, bias, mask, eps, scale, return_weights):
+    if torch.compiler.is_compiling():
+        return _fwd(x, queries, weight, bias, mask, eps, scale, return_weights)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, queries, weight, bias)):
+        return _EagerFn.apply(x, queries, weight, bias, mask, eps, scale, return_weights)
+    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,20 +301,25 @@ def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
         y (..., M, D) in x's dtype (the autocast dtype under torch.autocast), or (y, p).
     """
     dev_type = x.device.type if isinstance(x, Tensor) else None
-    if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
+    autocasting = dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type)
+    if autocasting:
         # Cast *before* validating, so that the dtypes the kernels see are the validated ones.
         x, queries, weight, bias = _autocast_cast(dev_type, x, queries, weight, bias)
     scale = validate(x, queries, weight, bias, mask, eps, scale)
     lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     m = queries.shape[0]
+    # Inside, autocast is off: the inputs are already in the dtypes the op runs in.
+    no_autocast = (torch.autocast(dev_type, enabled=False) if autocasting
+                   else contextlib.nullcontext())
     if not _use_triton(x.device) or x.numel() == 0 or m == 0:
-        with torch.autocast(dev_type, enabled=False):
+        with no_autocast:
             return reference.patch_merger(x, queries, weight, bias, eps=eps, scale=scale,
                                           mask=mask, return_weights=return_weights)
     x3 = x.reshape(-1, n, d)
     mask2 = mask.expand(*lead, n).reshape(-1, n) if mask is not None else None
-    with torch.autocast(dev_type, enabled=False):
-        y, _lse, p = _fwd(x3, queries, weight, bias, mask2, float(eps), scale, return_weights)
+    with no_autocast:
+        y, _lse, p = _forward_op(x3, queries, weight, bias, mask2, float(eps), scale,
+                                 return_weights)
     y = y.reshape(*lead, m, d)
     if return_weights:
         return y, p.reshape(*lead, m, n)
