@@ -26,6 +26,20 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def default_device():
+    """Create tensors on the test device by default (`torch.device` as a context manager), for
+    modules whose tests build their inputs with plain factory calls. Their generators must be
+    made with `gen(seed)` (a CPU generator cannot drive a CUDA factory call)."""
+    with torch.device(DEVICE):
+        yield
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded generator on the test device."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

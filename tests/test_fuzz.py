@@ -21,6 +21,8 @@ import os
 import torch
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+from conftest import DEVICE
+from conftest import gen as make_gen
 from test_mask_strides_weights import check_op
 
 _COMMON = dict(deadline=None, print_blob=True,
@@ -64,7 +66,7 @@ def problems(draw):
 
 def build(pr):
     """Tensors of a drawn problem: (leaf x, view, queries, weight, bias, mask, dy)."""
-    gen = torch.Generator().manual_seed(pr["seed"])
+    gen = make_gen(pr["seed"])
     lead, n, d, m, dtype = pr["lead"], pr["n"], pr["d"], pr["m"], pr["dtype"]
     pdt = torch.float32 if pr["param_fp32"] else dtype
 
@@ -117,6 +119,11 @@ def build(pr):
 @given(pr=problems())
 def test_fuzz_against_reference(pr):
     note(repr(pr))
+    with torch.device(DEVICE):        # not a fixture: hypothesis runs many examples per call
+        _check(pr)
+
+
+def _check(pr):
     x, view, q, g, b, mask, dy, scale = build(pr)
     # Coverage of the drawn space: `pytest --hypothesis-show-statistics tests/test_fuzz.py`.
     event(f"dtype {str(pr['dtype'])[6:]}")

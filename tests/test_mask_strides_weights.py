@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import gen as make_gen
 from tolerance import FACTOR, atol, max_err
 
 import pm_kernels
@@ -19,6 +20,7 @@ import pm_kernels.ops as ops
 from pm_kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = pytest.mark.usefixtures("default_device")
 
 
 def triton_op(*args, **kwargs):
@@ -99,7 +101,7 @@ def folded_patch_merger(x, queries, weight=None, bias=None, *, eps=1e-5, scale=N
 def single_live_token_allowance(x, q, g, b, dy, *, eps, scale, mask):
     """Extra error per gradient for batch elements with exactly one unmasked token.
 
-    Generalises `single_token_allowance` of test_patch_merger.py (N = 1) to masks and any scale:
+    For N = 1 (or a mask leaving one token), any scale:
     with a single live token p = 1 and ds = p * (dp - Delta) is exactly 0 in PyTorch, while the
     fused backward takes Delta from the stored y, so its ds is rounding noise of a few ulps of
     max|dp|; this bounds that noise propagated to each gradient (summed over the batch)."""
@@ -107,7 +109,7 @@ def single_live_token_allowance(x, q, g, b, dy, *, eps, scale, mask):
     scale = d ** -0.5 if scale is None else scale
     x3 = x.double().reshape(-1, n, d)
     live = (mask.expand(*x.shape[:-1]).reshape(-1, n) if mask is not None
-            else torch.ones(x3.shape[:2], dtype=torch.bool))
+            else torch.ones(x3.shape[:2], dtype=torch.bool, device=x.device))
     one = live.sum(-1) == 1
     if not one.any():
         return {}
@@ -154,7 +156,7 @@ def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask):
     d, n, m = x.shape[-1], x.shape[-2], q.shape[0]
     scale = d ** -0.5 if scale is None else scale
     x64 = x.double()
-    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64, device=x.device)
     xhat = torch.nn.functional.layer_norm(x64, (d,), eps=eps)                  # (..., N, D)
     dyg = dy.double().expand(*x.shape[:-2], m, d) * g64                        # (..., M, D)
     norms = torch.sqrt(torch.einsum("...md,...nd->...mn", dyg ** 2, xhat ** 2))
@@ -200,7 +202,7 @@ def tiny_d_allowance(x, q, g, b, dy, *, eps, scale, mask):
     scale = d ** -0.5 if scale is None else scale
     ulp = torch.finfo(x.dtype).eps
     x64 = x.double()
-    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64, device=x.device)
     b64 = b.double() if b is not None else None
     q64 = q.double()
     xn = torch.nn.functional.layer_norm(x64, (d,), g64, b64, eps).detach().requires_grad_()
@@ -244,7 +246,7 @@ def weights_allowance(x, q, g, *, eps, scale, mask):
         return 0.0
     d = x.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64)
+    g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64, device=x.device)
     xhat = torch.nn.functional.layer_norm(x.double(), (d,), eps=eps)
     s2 = scale * (xhat @ (q.double() * g64).transpose(-1, -2)).transpose(-1, -2) / math.log(2)
     live = s2.masked_fill(~mask.unsqueeze(-2), float("-inf")) if mask is not None else s2
@@ -437,7 +439,7 @@ def test_stride0_weight():
 @pytest.mark.parametrize("kind", ["sliced", "broadcast-N", "broadcast-4d"])
 def test_strided_and_broadcast_masks(kind):
     x, q, g, b = make((2, 3) if kind == "broadcast-4d" else (3,), 26, 20, 4, torch.float32)
-    gen = torch.Generator().manual_seed(1)
+    gen = make_gen(1)
     if kind == "sliced":
         mask = (torch.rand(3, 52, generator=gen) > 0.4)[:, ::2]   # stride_n = 2
         mask[1, :] = False
@@ -454,7 +456,7 @@ def test_strided_and_broadcast_masks(kind):
 # =============================================================================================
 
 def _mask(shape, keep=0.6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_gen(seed)
     mask = torch.rand(shape, generator=gen) < keep
     mask[..., 0] = True            # at least one live token per row unless a test says otherwise
     return mask
@@ -565,11 +567,12 @@ def test_cpp_reference_agrees_on_masked_case():
     leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
     y = triton_op(*leaves, mask=mask)
     y.backward(dy)
-    y_cpp = reference.cpp_patch_merger(x, q, g, b, mask=mask)
-    grads_cpp = reference.cpp_patch_merger_backward(dy, x, q, g, b, mask=mask)
-    torch.testing.assert_close(y.detach(), y_cpp, rtol=1e-11, atol=1e-11)
+    cpu = [t.cpu() for t in (dy, x, q, g, b, mask)]                # the C++ reference: CPU only
+    y_cpp = reference.cpp_patch_merger(*cpu[1:5], mask=cpu[5])
+    grads_cpp = reference.cpp_patch_merger_backward(*cpu[:5], mask=cpu[5])
+    torch.testing.assert_close(y.detach().cpu(), y_cpp, rtol=1e-11, atol=1e-11)
     for t, gc in zip(leaves, grads_cpp):
-        torch.testing.assert_close(t.grad, gc, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(t.grad.cpu(), gc, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -577,7 +580,7 @@ def test_variable_resolution_packing(dtype):
     """Two images with different token counts (e.g. 4x3 and 5x4 patch grids) in one padded
     batch give the same outputs and gradients as running each image on its own."""
     d, m = 48, 4
-    gen = torch.Generator().manual_seed(2)
+    gen = make_gen(2)
     a, q, g, b = make((1,), 12, d, m, dtype, gen=gen)
     c, _, _, _ = make((1,), 20, d, m, dtype, gen=gen)
     packed = torch.full((2, 20, d), float("nan"), dtype=dtype)  # padding is garbage on purpose
@@ -712,7 +715,7 @@ def test_render_merge_map(tmp_path):
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert legend == [f"{k} ({c})" for k, c in zip("abc", counts)]
     # A float HWC image outside [0, 1] (a normalised tensor) and float64 numpy weights work too.
-    fig2 = viz.render_merge_map(torch.randn(24, 32, 3), p.double().numpy(), (3, 4))
+    fig2 = viz.render_merge_map(torch.randn(24, 32, 3), p.double().cpu().numpy(), (3, 4))
     assert len(fig2.axes) == 5
     with pytest.raises(ValueError, match=r"token_labels has 2 entries for M = 3"):
         viz.render_merge_map(image, p, (3, 4), token_labels=["a", "b"])

@@ -18,6 +18,8 @@ import pm_kernels
 import pm_kernels.ops as ops
 from pm_kernels import reference
 
+pytestmark = pytest.mark.usefixtures("default_device")
+
 
 class Launched(AssertionError):
     """Raised by the stubs: something ran that validation should have stopped."""
@@ -134,7 +136,7 @@ def test_unsupported_floating_dtype(no_compute):
 @pytest.mark.parametrize("name", ["x", "queries"])
 def test_non_tensor_inputs(name, no_compute):
     a = good()
-    a[name] = a[name].numpy()
+    a[name] = a[name].cpu().numpy()
     with pytest.raises(TypeError, match=rf"{name} must be a torch.Tensor, got ndarray"):
         call(**a)
 
@@ -177,15 +179,15 @@ def test_tensors_on_different_devices(name, no_compute):
     a = good()
     a["mask"] = torch.ones(B, N, dtype=torch.bool)
     a[name] = a[name].to("meta")
-    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu; all tensors must be "
-                                         r"on the same device"):
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on {a['x'].device}; all "
+                                         r"tensors must be on the same device"):
         call(a["x"], a["queries"], a["weight"], a["bias"], mask=a["mask"])
 
 
 def test_x_on_another_device_than_parameters(no_compute):
     a = good()
     a["x"] = a["x"].to("meta")
-    with pytest.raises(ValueError, match=r"queries is on cpu but x is on meta"):
+    with pytest.raises(ValueError, match=rf"queries is on {a['queries'].device} but x is on meta"):
         call(**a)
 
 

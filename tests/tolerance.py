@@ -13,11 +13,21 @@ accumulation-order noise of a few ulps, and an equally valid plain-PyTorch float
 the same math (xhat-based scores, g folded into the queries) measured 0.4x to 2.8x of the
 reference's error over 15 seeded cases of this suite's shapes; the kernel's worst was 3.4x.
 For float64 the baseline *is* the truth, so only a roundoff-level atol applies.
+
+On a CUDA GPU, float32 gets 8: Triton lowers fp32 division and exp2 to the approximate PTX
+instructions (div.full.f32, ex2.approx.f32: up to 2 ulp each) where PyTorch's kernels round
+correctly, and the kernels divide and exponentiate per score and per token. Measured on an H100
+(2026-11-25, fp32 dots in full fp32): the core grid stayed within 4x, but the mean-1e4 / std-0.01
+case of test_extreme_inputs reached 6.9x the error of PyTorch on the *centred* data (dbias, 5.8e-6
+and 7.0e-6 against 8.4e-7 and 1.3e-6).
 """
 
 import torch
+from conftest import DEVICE
 
 FACTOR = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 4.0, torch.float64: 0.0}
+if DEVICE == "cuda":
+    FACTOR[torch.float32] = 8.0
 
 
 def atol(dt, scale):

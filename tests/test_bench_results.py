@@ -1,0 +1,87 @@
+"""The benchmark's bookkeeping, which runs without a GPU: merging runs into one results file
+(`python -m bench --append`) and the README table generated from a results file
+(`python -m bench --report`). Nothing here times anything."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import suite  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+CASE = suite.Case("ViT-B/16", "paper", 256, 196, 768, 8)
+
+
+def _env(copy_gbs=3000.0, device="NVIDIA H100 80GB HBM3"):
+    return dict(device=device, device_type="cuda", torch="2.11.0", triton="3.6.0", cuda="13.0",
+                python="3.12", date="2026-11-25", copy_bandwidth_gbs=copy_gbs, cpu_threads=16)
+
+
+def _rows(ms_by_provider, mode="forward"):
+    return [suite._row(CASE, mode, p, torch.bfloat16, ms=ms) for p, ms in ms_by_provider.items()]
+
+
+def test_append_replaces_same_key_and_keeps_each_runs_bandwidth(tmp_path):
+    first = _rows({"pm_kernels": 0.5, "eager": 0.3})
+    suite.finish(first, 3000.0)
+    suite.write_results(first, _env(3000.0), tmp_path)
+
+    second = _rows({"pm_kernels": 0.25})            # a re-run of one provider, slower copy
+    merged, env = suite.merge_results(second, _env(1500.0), tmp_path)
+    suite.finish(merged, 1500.0)
+    by_provider = {r["provider"]: r for r in merged}
+    assert [r["provider"] for r in merged] == ["pm_kernels", "eager"]      # provider order
+    assert by_provider["pm_kernels"]["ms"] == 0.25                          # replaced
+    assert by_provider["eager"]["ms"] == 0.3                                # kept
+    ideal = by_provider["eager"]["ideal_bytes"]
+    # The kept row's % of copy bandwidth is relative to its own run's copy (3000 GB/s), the new
+    # row's to the new one (1500 GB/s).
+    assert by_provider["eager"]["pct_copy_bw"] == pytest.approx(100 * ideal / 0.3e-3 / 1e9 / 3000)
+    assert by_provider["pm_kernels"]["pct_copy_bw"] == pytest.approx(
+        100 * ideal / 0.25e-3 / 1e9 / 1500)
+    assert by_provider["pm_kernels"]["speedup_vs_eager"] == pytest.approx(0.3 / 0.25)
+    assert env["copy_bandwidth_runs_gbs"] == [3000.0, 1500.0]
+
+
+def test_append_refuses_another_device(tmp_path):
+    rows = _rows({"eager": 0.3})
+    suite.finish(rows, 3000.0)
+    suite.write_results(rows, _env(), tmp_path)
+    with pytest.raises(SystemExit, match="another device or versions"):
+        suite.merge_results(rows, dict(_env(), torch="2.12.0"), tmp_path)
+
+
+def test_markdown_report_is_generated_from_the_file(tmp_path):
+    rows = (_rows({"pm_kernels": 0.5, "eager": 0.3, "sdpa": 0.2})
+            + _rows({"pm_kernels": 1.0, "eager": 2.0}, mode="fwd+bwd"))
+    rows[-2]["peak_mb"], rows[-1]["peak_mb"] = 155.0, 226.0
+    suite.finish(rows, 3000.0)
+    (path,) = [p for p in suite.write_results(rows, _env(), tmp_path) if p.suffix == ".json"]
+    lines = suite.markdown_report(path).splitlines()
+    table = [ln for ln in lines if ln.startswith("| ViT-B/16")]
+    assert table == [
+        f"| ViT-B/16 | forward | 0.500 | 0.300 | - | 0.200 | {rows[0]['pct_copy_bw']:.1f} "
+        "| 0.60x | - | 0.40x |  |",
+        f"| ViT-B/16 | fwd+bwd | 1.000 | 2.000 | - | - | {rows[3]['pct_copy_bw']:.1f} "
+        "| 2.00x | - | - | 155 / 226 |",
+    ]
+    assert "NVIDIA H100 80GB HBM3" in lines[0] and "2026-11-25" in lines[0]
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
+def test_committed_results_files_are_complete(path):
+    """Every committed GPU results file has its provenance and one pm_kernels row per paper case
+    and mode, and the report renders them all."""
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "cuda", "date", "copy_bandwidth_gbs"):
+        assert env.get(key), key
+    paper = {(r["case"], r["mode"]) for r in data["rows"]
+             if r["group"] == "paper" and r["provider"] == "pm_kernels"}
+    report = suite.markdown_report(path)
+    for case, mode in paper:
+        assert f"| {case} | {mode} |" in report
