@@ -1,7 +1,9 @@
 """The PatchMerger benchmark: providers, cases, modes, timing, results and targets.
 
     python -m bench [--quick] [--modes forward backward] [--providers pm_kernels eager]
-                    [--dtype bf16] [--save] [--out DIR]
+                    [--dtype bf16] [--cases NAME ...] [--groups GROUP ...]
+                    [--save] [--out DIR] [--append]
+    python -m bench --report bench/results/<gpu>-<date>.json [--groups paper]
 
 Providers (one callable y = f(x, queries, weight, bias) each, except the C++ reference):
     pm_kernels  the fused Triton kernels (`pm_kernels.patch_merger`); CUDA only
@@ -242,7 +244,7 @@ def copy_bandwidth_gbs(device_type: str) -> float:
     src = torch.empty(n, dtype=torch.uint8, device=device_type)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device_type)[0]
-    del src, dst
+    src = dst = None
     if device_type == "cuda":
         torch.cuda.empty_cache()
     return 2 * n / (ms * 1e-3) / 1e9
@@ -382,13 +384,16 @@ def _row_text(r) -> str:
 
 
 def finish(rows: list[dict], copy_gbs: float) -> None:
-    """Fill in bandwidth and speed-ups (relative to the other providers of the same case/mode)."""
+    """Fill in bandwidth and speed-ups (relative to the other providers of the same case/mode).
+    Rows that already carry a bandwidth figure (merged from an earlier run by --append) keep it:
+    each row's % of copy bandwidth is relative to the copy measured in its own run."""
     by_key = {(r["case"], r["mode"], r["provider"]): r for r in rows}
     for r in rows:
         if r["ms"] is None:
             continue
         r["gbps"] = r["ideal_bytes"] / (r["ms"] * 1e-3) / 1e9
-        r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbs if copy_gbs else None
+        if r["pct_copy_bw"] is None:
+            r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbs if copy_gbs else None
         for other in ("eager", "compile", "sdpa"):
             o = by_key.get((r["case"], r["mode"], other))
             if o and o["ms"]:
@@ -453,13 +458,40 @@ def environment(device_type: str, copy_gbs: float) -> dict:
                 copy_bandwidth_gbs=copy_gbs, cpu_threads=torch.get_num_threads())
 
 
+def results_stem(env: dict) -> str:
+    return ("cpu" if env["device_type"] != "cuda" else slug(env["device"])) + "-" + env["date"]
+
+
+def merge_results(rows: list[dict], env: dict, out_dir: Path) -> tuple[list[dict], dict]:
+    """Rows of an earlier run of the same device and day (if any) with `rows` merged in."""
+    path = out_dir / f"{results_stem(env)}.json"
+    if not path.exists():
+        return rows, env
+    old = json.loads(path.read_text())
+    old_env = old["environment"]
+    if (old_env["torch"], old_env["triton"], old_env["device"]) != (
+            env["torch"], env["triton"], env["device"]):
+        raise SystemExit(f"--append: {path} was measured with another device or versions")
+    new_keys = {(r["case"], r["mode"], r["provider"]) for r in rows}
+    merged = [r for r in old["rows"] if (r["case"], r["mode"], r["provider"]) not in new_keys]
+    merged += rows
+    case_order = {c: i for i, c in enumerate(dict.fromkeys(
+        [c.name for c in gpu_cases()] + [r["case"] for r in merged]))}
+    merged.sort(key=lambda r: (case_order[r["case"]], MODES.index(r["mode"]),
+                               PROVIDERS.index(r["provider"])))
+    runs = old_env.get("copy_bandwidth_runs_gbs", [old_env["copy_bandwidth_gbs"]])
+    env = dict(env, copy_bandwidth_runs_gbs=runs + [env["copy_bandwidth_gbs"]])
+    print(f"--append: merged {len(rows)} new rows into {len(merged) - len(rows)} from {path}")
+    return merged, env
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
 def write_results(rows, env, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = ("cpu" if env["device_type"] != "cuda" else slug(env["device"])) + "-" + env["date"]
+    stem = results_stem(env)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv"]
     paths[0].write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     with paths[1].open("w", newline="") as f:
@@ -499,7 +531,8 @@ def plot(rows, env, path: Path) -> Path | None:
         ax.set_ylabel(f"{mode}\nspeed-up vs eager")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
         ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     # Bandwidth: ideal bytes / time as % of the measured copy bandwidth, every provider, in the
     # forward mode (the 85 % target line is the forward target of the fused kernels).
     ax = axes[-1, 0]
@@ -538,10 +571,23 @@ def main(argv=None) -> int:
                    help="input dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cases", nargs="+", metavar="NAME",
                    help="only these cases (names as printed, e.g. ViT-B/16 sweep-M64)")
+    p.add_argument("--groups", nargs="+", metavar="GROUP",
+                   help="only the cases of these groups (paper, highres, sweep-N, sweep-D, "
+                        "sweep-M)")
     p.add_argument("--save", action="store_true",
                    help="write results on a CPU-only machine too (always written with a GPU)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    p.add_argument("--append", action="store_true",
+                   help="merge into this GPU's and day's results file in --out: rows of the same "
+                        "(case, mode, provider) are replaced, the others kept (lets a long run, "
+                        "e.g. the torch.compile provider, be split over several invocations)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="print the markdown table of a results file (the README's) and exit; "
+                        "--groups picks the cases (default: paper)")
     a = p.parse_args(argv)
+    if a.report:
+        print(markdown_report(a.report, tuple(a.groups or ("paper",))))
+        return 0
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -556,12 +602,18 @@ def main(argv=None) -> int:
         cases = [c for c in all_cases if c.name in a.cases]
         if not cases:
             p.error(f"no case named {a.cases}; known: {[c.name for c in all_cases]}")
+    if a.groups:
+        cases = [c for c in (gpu_cases() if cuda else cpu_cases()) if c.group in a.groups]
+        if not cases:
+            p.error(f"no case in groups {a.groups}")
 
     copy_gbs = copy_bandwidth_gbs(dev)
     env = environment(dev, copy_gbs)
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s; torch {env['torch']}, triton "
           f"{env['triton']}, CUDA {env['cuda']}")
     rows = run(cases, a.modes, providers, dtype, dev, quick=a.quick)
+    if a.append:
+        rows, env = merge_results(rows, env, a.out)
     finish(rows, copy_gbs)
     print()
     print(summary_table(rows))
@@ -593,6 +645,39 @@ def summary_table(rows) -> str:
                    f"{fmt(r['speedup_vs_compile'], '8.2f'):>9} "
                    f"{fmt(r['speedup_vs_sdpa'], '6.2f'):>7} {fmt(r['peak_mb'], '9.0f'):>9} "
                    f"{check:>12}")
+    return "\n".join(out)
+
+
+def markdown_report(path: Path, groups=("paper",)) -> str:
+    """The README's GPU table, generated from a results JSON (figures are never typed in by
+    hand): per case and mode, the time of every provider, pm_kernels' % of copy bandwidth and
+    its speed-ups, and the forward+backward peak memory."""
+    data = json.loads(Path(path).read_text())
+    env, rows = data["environment"], data["rows"]
+    by_key = {(r["case"], r["mode"], r["provider"]): r for r in rows}
+    cases = list(dict.fromkeys(r["case"] for r in rows if r["group"] in groups))
+    ms = lambda r: f"{r['ms']:.3f}" if r and r["ms"] else "-"          # noqa: E731
+    x = lambda v: f"{v:.2f}x" if v else "-"                              # noqa: E731
+    out = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+           f"{rows[0]['dtype'] if rows else ''}, {env['date']} (`{Path(path).name}`); "
+           "times in ms (median), '-' = not measured.", "",
+           "| case | mode | pm_kernels | eager | compile | sdpa | % copy BW | vs eager "
+           "| vs compile | vs sdpa | peak MiB (ours / eager) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        for mode in MODES:
+            r = by_key.get((case, mode, "pm_kernels"))
+            if r is None:
+                continue
+            e = by_key.get((case, mode, "eager"))
+            peak = (f"{r['peak_mb']:.0f} / {e['peak_mb']:.0f}"
+                    if r.get("peak_mb") and e and e.get("peak_mb") else "")
+            pct = f"{r['pct_copy_bw']:.1f}" if r.get("pct_copy_bw") else "-"
+            out.append(f"| {case} | {mode} | {ms(r)} | {ms(e)} "
+                       f"| {ms(by_key.get((case, mode, 'compile')))} "
+                       f"| {ms(by_key.get((case, mode, 'sdpa')))} | {pct} "
+                       f"| {x(r['speedup_vs_eager'])} | {x(r['speedup_vs_compile'])} "
+                       f"| {x(r['speedup_vs_sdpa'])} | {peak} |")
     return "\n".join(out)
 
 

@@ -1,0 +1,153 @@
+"""Launch-configuration sweep on a GPU: the evidence behind `pm_kernels.heuristics`' tile tables.
+
+    python -m bench.tune [--shapes vit-b hires-8] [--kernels forward backward] [--budget 300]
+                         [--json PATH]
+
+For each shape and kernel, times the fused forward (`patch_merger_forward`) or backward
+(`patch_merger_backward`) under every candidate `Config` (tile sizes, warps, pipeline stages,
+and the split of the token axis over programs), with `triton.testing.do_bench` (median), and
+prints them fastest first with GB/s of the ideal bytes and % of the copy bandwidth measured in
+the same run. Each candidate's output is checked against the heuristic configuration's (a wrong
+configuration is reported, not timed). A wall-clock budget bounds the run: candidates are tried
+in the order listed and the sweep moves on when its share of the budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.suite import copy_bandwidth_gbs
+from pm_kernels import heuristics, roofline
+from pm_kernels.backward import patch_merger_backward
+from pm_kernels.forward import patch_merger_forward
+from pm_kernels.heuristics import Config
+
+SHAPES = {  # name: (B, N, D, M)
+    "vit-b": (256, 196, 768, 8),
+    "vit-l": (256, 196, 1024, 8),
+    "vit-h": (256, 256, 1280, 8),
+    "hires-8": (8, 4096, 1024, 8),
+    "hires-1": (1, 4096, 1024, 8),
+    "m64": (256, 196, 768, 64),
+}
+EPS = 1e-5
+
+# (BLOCK_N, BLOCK_D, num_warps, num_stages) candidates, 16-bit inputs, M <= 16.
+FORWARD_TILES = [
+    (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+    (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3),
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (16, 128, 4, 3), (16, 256, 4, 2),
+    (32, 256, 8, 2),
+]
+BACKWARD_TILES = [
+    (32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 8, 2),
+    (64, 32, 4, 1), (64, 64, 8, 1), (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2),
+    (32, 128, 8, 2), (16, 64, 4, 3),
+]
+
+
+def _splits(b, n, bn, sms):
+    """split 1, one token block per program, and the heuristic's middle ground."""
+    blocks = -(-n // bn)
+    out = [1, blocks]
+    mid = heuristics._split(b, n, bn, sms)
+    if mid not in out:
+        out.append(mid)
+    if blocks >= 4 and (blocks // 2) not in out:
+        out.append(blocks // 2)
+    return sorted(set(out))
+
+
+def main(argv=None) -> int:
+    import triton.testing
+
+    p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["vit-b", "hires-8", "vit-h"],
+                   choices=sorted(SHAPES))
+    p.add_argument("--kernels", nargs="+", default=["forward", "backward"],
+                   choices=["forward", "backward"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--budget", type=float, default=300.0, help="seconds for the whole sweep")
+    p.add_argument("--json", help="write every measurement here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.tune times kernels: it needs a CUDA GPU")
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    dev = torch.device("cuda")
+    sms = heuristics.num_sms(dev)
+    copy_gbs = copy_bandwidth_gbs("cuda")
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, {sms} SMs")
+
+    t_start = time.time()
+    jobs = [(s, k) for s in a.shapes for k in a.kernels]
+    results = []
+    for i, (shape, kernel) in enumerate(jobs):
+        b, n, d, m = SHAPES[shape]
+        deadline = t_start + a.budget * (i + 1) / len(jobs)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(b, n, d, generator=g).to(dev, dtype)
+        q = (torch.randn(m, d, generator=g) * d ** -0.5).to(dev, dtype)
+        w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dtype)
+        bias = (0.1 * torch.randn(d, generator=g)).to(dev, dtype)
+        dy = torch.randn(b, m, d, generator=g).to(dev, dtype)
+        scale = d ** -0.5
+        y, lse, _ = patch_merger_forward(x, q, w, bias, EPS, scale)
+        if kernel == "forward":
+            fn = lambda cfg: patch_merger_forward(x, q, w, bias, EPS, scale, config=cfg)[0]  # noqa
+            ideal = roofline.forward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
+            default = heuristics.forward_config(b, n, d, m, dtype, dev)
+            tiles = FORWARD_TILES
+        else:
+            fn = lambda cfg: patch_merger_backward(dy, x, q, w, bias, y, lse, EPS, scale,  # noqa
+                                                   config=cfg)[0]
+            ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
+            default = heuristics.backward_config(b, n, d, m, dtype, dev)
+            tiles = BACKWARD_TILES
+        expected = fn(default).float()
+        bm = heuristics.block_m(m)
+        cands = [default] + [Config(bm, bn, bd, s, nw, st) for bn, bd, nw, st in tiles
+                             for s in _splits(b, n, bn, sms)]
+        rows = []
+        print(f"\n== {shape} {kernel} B={b} N={n} D={d} M={m} {a.dtype} "
+              f"(heuristic: {default})", flush=True)
+        for cfg in dict.fromkeys(cands):
+            if time.time() > deadline:
+                print(f"  budget spent; {len(cands) - len(rows)} candidates not tried")
+                break
+            row = dict(shape=shape, kernel=kernel, config=str(cfg),
+                       heuristic=cfg == default)
+            try:
+                err = float((fn(cfg).float() - expected).abs().max())
+                row["max_diff_vs_heuristic"] = err
+                if not err < 0.1:
+                    raise RuntimeError(f"output differs from the heuristic's by {err}")
+                ms = triton.testing.do_bench(lambda: fn(cfg), warmup=10, rep=40)
+                row.update(ms=ms, gbps=ideal / ms / 1e6, pct_copy=100 * ideal / ms / 1e6 / copy_gbs)
+                print(f"  {ms:8.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%  {cfg}",
+                      flush=True)
+            except Exception as e:  # compile failure (resources), wrong output: report, go on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                print(f"  ERROR {row['error']}  {cfg}", flush=True)
+            rows.append(row)
+        timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+        print(f"-- {shape} {kernel} fastest:")
+        for r in timed[:5]:
+            print(f"   {r['ms']:8.4f} ms {r['pct_copy']:5.1f}%  {r['config']}"
+                  f"{'  (heuristic)' if r['heuristic'] else ''}")
+        results += rows
+        x = q = w = bias = dy = y = lse = expected = None   # free before the next shape
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs,
+                           dtype=a.dtype, rows=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
