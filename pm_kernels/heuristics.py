@@ -98,14 +98,16 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # GPU launch tiles (the interpreter branches below choose their own, for test speed)
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_N, BLOCK_D cap, num_warps, num_stages) per BLOCK_M tier, for 16-bit inputs (fp16, bf16)
-# and for wider ones (fp32, whose tl.dot runs as tf32x3 at torch's default precision: three MMAs
-# on split operands, about twice the registers of a 16-bit tile; fp64 takes the same tiles).
+# and for fp32 (whose dots run as fp32 FMA code at torch's default "highest" precision, see
+# `input_precision`: no tensor cores and more registers than a 16-bit tile). fp64 takes fixed
+# small tiles (`_token_config`).
 #
 # Chosen with `python -m pm_kernels.audit`, which compiles every configuration for sm_80 and
 # sm_90 and reads ptxas's register and spill counts. The numbers in the tables are registers per
 # thread, worst case over the audit's specialisations (N, M divisible by 16 or not, M = 1, split
 # or not) and argument variants (affine / fp32 parameters / mask / no affine), "sm_80 / sm_90",
-# Triton 3.6 + ptxas 12.8. The kernels are memory-bound; the rules, in order of priority:
+# Triton 3.6 + ptxas 12.8 (audit of 2026-11-25). The kernels are memory-bound; the rules, in
+# order of priority:
 #   1. No register spills. Spill traffic goes to local memory on top of the DRAM stream the
 #      kernel is bound by. ptxas picks its own register budget (Triton sets no maxnreg) and aims
 #      at an occupancy step -- 168 or 128 registers for 4 warps (3 or 4 blocks per SM), 128 or
@@ -115,33 +117,26 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #   2. Every program of the paper's grid resident at once. With B = 256 and split 1 there are
 #      256 programs: 1.94 per SM on an H100 (132 SMs), 2.37 on an A100 (108). That needs 2
 #      resident programs per SM on H100 and 3 on A100: <= 128 registers with 8 warps (2 per SM),
-#      <= 168 with 4 warps (3 per SM), <= 255 with 4 warps (2 per SM). Fewer registers than the
-#      grid needs buy nothing: there are no further programs to make resident.
-#   3. Bytes in flight per program. With ~2 programs per SM, latency hiding comes from each
-#      program's own loads: BLOCK_N x BLOCK_D elements per D step, times num_stages when the D
-#      sweep is software-pipelined (loads of step i+1 in flight during the math of step i).
-#      BLOCK_D = 64 of a 16-bit dtype (32 of fp32) is a 128-byte row, one cache line, read with
-#      16-byte vector loads.
+#      <= 168 with 4 warps (3 per SM), <= 255 with 4 warps (2 per SM).
+#   3. Bytes in flight per program. Latency hiding comes from each program's own loads:
+#      BLOCK_N x BLOCK_D elements per D step, times num_stages when the D sweep is
+#      software-pipelined. BLOCK_D = 64 of a 16-bit dtype (32 of fp32) is a 128-byte row, one
+#      cache line, read with 16-byte vector loads.
 #   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
 #      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
 # Forward, M <= 16: 64 x 64 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step and two in
-# flight, 128 / 104-128 registers, 2 programs per SM (one wave on H100; on A100 216 of the 256
-# programs run in the first wave). The 4-warp tiles of 4-8 KB per step we tried (32 or 64
-# tokens x 32 or 64 columns, 1 or 2 stages) all spill 8-32 B on sm_80 or sm_90.
-# Backward, M <= 16: 32 x 32 on 4 warps, not pipelined: 95-160 / 72-124 registers (3-4
-# programs per SM: one wave on both parts), spill-free in every variant including M = 1. Its
-# 64-byte rows are still two whole 32-byte DRAM sectors (no byte wasted, half the bytes per
-# load). The backward holds many more live tiles than the forward (see backward.py), and every
-# larger or pipelined tile we tried spills somewhere: 32 x 64 spills 4 B at M = 1 on sm_90 (and
-# needs 212 registers), 32 x 32 with 2 stages 16 B on sm_90, 32 x 64 on 8 warps 16 B on sm_80.
+# flight, 2 programs per SM. One exception to rule 1 is known and accepted: the masked M = 1
+# split variant spills 16 B on sm_90 (the per-token shift's column extraction,
+# `common.shift_of_tokens`, costs it its last registers; no paper shape is affected).
+# Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
+# below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
-# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90, fp32 up to BLOCK_M = 32.
-# The fp32 backward at BLOCK_M >= 64 spills whatever the tile (tf32x3 splits each operand in
-# two): 4-24 B at 64, 36-120 B at 128, 1.4-1.8 KB at 256 (12 KB on sm_80 for the masked and
-# non-affine variants, where ptxas falls back to 32 registers) -- the least among the tiles
-# tried; such sizes are better run in bf16.
-# Shared memory stays far below every per-block limit (<= 82 KB, fp32 at BLOCK_M = 256; the
+# tiles grow; every other 16-bit tier is spill-free on sm_80 and sm_90. fp32 spills where no
+# tile tried avoided it: the backward 16 B at M <= 16 (sm_80) and 16-20 B at BLOCK_M = 64,
+# 260-280 B at 256, the forward 16-24 B at 256 -- the least among the tiles tried; such sizes
+# are better run in bf16.
+# Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
 # Measured (H100 SXM, bf16, M=8; `python -m bench.tune`, 16 forward and 12 backward tiles x
@@ -151,25 +146,29 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # kernels are bound by latency, not bytes, and the extra programs buy more loads in flight than
 # their extra partial rows cost. Among the spill-free tiles, 64 x 32 on 4 warps was the fastest
 # (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
-# 0.543). 32 x 64 was faster still (0.345 / 0.672) but spills 4 B on sm_90 with fp32 parameters
-# (the autocast case), as do the fastest forward tiles (128 x 32, 8 warps, 3 stages: 0.121 ms on
-# ViT-B vs 0.157 for the 64 x 64 kept here; 64 x 64 on 4 warps: 0.139, spills 4-16 B on sm_80
-# or sm_90): the zero-spill rule above still decides, so those gains wait for a kernel with
-# fewer live registers. The other tiers are as the audit chose them, not yet measured.
+# 0.543). 32 x 64 was faster still (0.345 / 0.672) but spilled 4 B on sm_90 with fp32
+# parameters (the autocast case). Forward: 128 x 32 on 8 warps, 3 stages, measured 0.121 ms on
+# ViT-B vs 0.157 for the 64 x 64 kept here, but spills 4 B on sm_90; 128 x 64, 8 warps,
+# 3 stages was the fastest on ViT-H (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128 vs
+# 0.192), and is spill-free since the shift change (189-193 registers: one program per SM,
+# so two waves at B=256 on an H100); it waits for a GPU session to measure it on every shape.
+# The other tiers are as the audit chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
-    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 152 / 156 (paper M)
-    32: ((32, 64, 8, 2), (64, 32, 4, 1)),     # 103-128 / 103-128 | 240-255 / 226-232
-    64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 116-128 / 97-134 | 213-255 / 159-247
-    128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 108-128 / 96-124 | 119-128 / 117-128
-    256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 96-124 | 191-228 / 167-236
+    # BLOCK_M = 16 serves the paper's M = 8 and 16; its masked M = 1 split variant is the one
+    # 16-bit spill (16 B, sm_90, see above).
+    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 128-156 / 128-152
+    32: ((32, 64, 8, 2), (32, 16, 4, 1)),     # 105-128 / 103-128 | 154-160 / 151-159
+    64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 119-128 / 99-134 | 128 / 128
+    128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 112-128 / 97-122 | 106-116 / 106-128
+    256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 97-123 | 128, spills 16 / 24 B
 }
 _BACKWARD_TILES = {
-    16: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 205-226 / 154-204 | 168 / 162 (paper M)
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-220 / 168-208 | 241-251 / 229-249
-    64: ((32, 32, 4, 1), (16, 16, 8, 1)),     # 198-241 / 168-227 | 255, spills 4 / 24 B
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 226-255 / 208-246 | 255, spills 60 / 120 B
-    256: ((16, 16, 4, 1), (16, 16, 4, 1)),    # 254-255 / 225-255 | spills 12 KB / 1.8 KB
+    16: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 162-226 / 112-204 | 124-168, spills 16 / 0 B
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-222 / 128-208 | 149-168 / 151-158
+    64: ((32, 32, 4, 1), (16, 16, 8, 1)),     # 198-241 / 168-228 | 128-160, spills 16 / 20 B
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 228-255 / 209-246 | 206-218 / 195-203
+    256: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 254-255 / 225-255 | 255, spills 280 / 260 B
 }
 
 
