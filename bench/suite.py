@@ -237,6 +237,38 @@ def time_ms(fn, device_type: str, quick: bool = False) -> list[float]:
     return [statistics.median(times), q[1], q[7]]
 
 
+def host_ms(fn, calls: int = 20) -> float:
+    """CPU milliseconds to issue one call (CUDA): the wall time of `calls` calls with no
+    synchronisation in between. When this is close to the timed median, the row measured the
+    host (Python, dispatch, launches), not the GPU."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls
+
+
+def graph_ms(fn) -> float | None:
+    """GPU milliseconds of one call with the host taken out: `fn` captured in a CUDA graph and
+    the replay timed (None if the call cannot be captured)."""
+    import triton.testing
+    try:
+        fn()                                          # compile / allocate outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return triton.testing.do_bench(graph.replay, warmup=10, rep=50)
+    except Exception:
+        return None
+
+
 def copy_bandwidth_gbs(device_type: str) -> float:
     """Device copy bandwidth (read + write bytes / time) of a large `copy_`, the practical
     ceiling of a memory-bound kernel on this device."""
@@ -344,6 +376,10 @@ def run(cases, modes, providers, dtype: torch.dtype, device: str, quick: bool = 
                     fn = make_bench_fn(prov, mode, inp)
                     med, p20, p80 = time_ms(fn, dev, quick)
                     row.update(ms=med, ms_p20=p20, ms_p80=p80)
+                    if dev == "cuda":
+                        row["host_ms"] = host_ms(fn)
+                        if prov == "pm_kernels" and mode == "inference":
+                            row["graph_ms"] = graph_ms(fn)
                     if mode == "fwd+bwd":
                         row["peak_mb"] = peak_memory_mb(fn, dev)
                     if prov == "pm_kernels":
@@ -366,8 +402,8 @@ def _row(case, mode, provider, dtype, **extra):
              dtype=str(dtype).replace("torch.", ""), mode=mode, provider=provider, ms=None,
              ms_p20=None, ms_p80=None, ideal_bytes=ideal_bytes(case, mode, dtype),
              designed_bytes=None, gbps=None, pct_copy_bw=None, speedup_vs_eager=None,
-             speedup_vs_compile=None, speedup_vs_sdpa=None, peak_mb=None, check=None,
-             skipped=None, error=None)
+             speedup_vs_compile=None, speedup_vs_sdpa=None, peak_mb=None, host_ms=None,
+             graph_ms=None, check=None, skipped=None, error=None)
     r.update(extra)
     return r
 
@@ -379,8 +415,10 @@ def _row_text(r) -> str:
     if r["error"]:
         return f"{head} ERROR {r['error']}"
     peak = f"  peak {r['peak_mb']:.0f} MiB" if r["peak_mb"] is not None else ""
+    host = f"  host {r['host_ms']:.3f} ms/call" if r.get("host_ms") is not None else ""
+    graph = f"  graph {r['graph_ms']:.3f} ms" if r.get("graph_ms") is not None else ""
     return (f"{head} {r['ms']:9.3f} ms  [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]"
-            f"  {r['ideal_bytes'] / (r['ms'] * 1e-3) / 1e9:8.3g} GB/s{peak}")
+            f"  {r['ideal_bytes'] / (r['ms'] * 1e-3) / 1e9:8.3g} GB/s{peak}{host}{graph}")
 
 
 def finish(rows: list[dict], copy_gbs: float) -> None:
@@ -497,7 +535,8 @@ def write_results(rows, env, out_dir: Path) -> list[Path]:
     with paths[1].open("w", newline="") as f:
         # header record first (commented), then one row per (case, mode, provider)
         f.write("# " + json.dumps(env) + "\n")
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # The union of the rows' keys: rows merged from an older file may lack newer columns.
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     png = plot(rows, env, out_dir / f"{stem}.png")

@@ -32,6 +32,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  # Noise sources: other processes on the GPU, load on the host CPUs that issue the launches.
+  nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv; uptime; nproc
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } 2>&1 | tee "$LOGS/env.txt"
 

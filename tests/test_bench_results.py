@@ -85,3 +85,17 @@ def test_committed_results_files_are_complete(path):
     report = suite.markdown_report(path)
     for case, mode in paper:
         assert f"| {case} | {mode} |" in report
+
+
+def test_csv_has_every_column_when_merged_rows_predate_one(tmp_path):
+    """Rows merged from an older results file lack columns added since (host_ms, graph_ms);
+    the CSV takes the union of the columns instead of failing on the first newer row."""
+    old, new = _rows({"eager": 0.3}), _rows({"pm_kernels": 0.5})
+    for key in ("host_ms", "graph_ms"):
+        del old[0][key]
+    new[0]["host_ms"] = 0.1
+    rows = old + new
+    suite.finish(rows, 3000.0)
+    (csv_path,) = [p for p in suite.write_results(rows, _env(), tmp_path) if p.suffix == ".csv"]
+    header = csv_path.read_text().splitlines()[1].split(",")
+    assert "host_ms" in header and "graph_ms" in header
