@@ -20,7 +20,8 @@ import torch
 def _ensure_backend() -> str:
     if torch.cuda.is_available():
         return "cuda"
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    import triton
+    if not triton.knobs.runtime.interpret:
         # Triton picks the interpreter when kernels are decorated (at import), so re-execute.
         print("No CUDA device: re-running under Triton's CPU interpreter (TRITON_INTERPRET=1).",
               flush=True)

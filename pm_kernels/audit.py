@@ -685,7 +685,8 @@ def main(argv=None) -> int:
                         "the limit, compile error)")
     a = p.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from . import heuristics
+    if heuristics.interpreting():
         # The kernels would be decorated as interpreter objects: start over without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "pm_kernels.audit", *(argv or sys.argv[1:])],

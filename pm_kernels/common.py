@@ -2,9 +2,12 @@
 
 The one piece of math both directions need is the *score pass* over a block of tokens: the
 LayerNorm statistics of each token and the scores s = scale * (W*g) @ xhat^T. Forward and
-backward call the same helper (`token_block_scores`) so the backward recomputes exactly the
-scores whose log-sum-exp the forward saved: p = exp2(s2 - lse2) then sums to one to the last
-bit the arithmetic allows, and nothing of size N (no mean/rstd) has to be saved.
+backward call the same helper (`token_block_scores`) so the backward recomputes the scores
+whose log-sum-exp the forward saved from the very same rounded dot operands, and nothing of
+size N (no mean/rstd) has to be saved. What can differ is the fp32 accumulation order over D
+when the two kernels use different BLOCK_D (the GPU tables do: 64 and 32 columns at the paper's
+M): s2 then moves by a few fp32 ulps of |s2|. That is nothing at ordinary score ranges; at
+|s2| ~ 1e5 and beyond, p = exp2(s2 - lse2) no longer sums exactly to one over the tokens.
 
 Notation used in every kernel of the package (one batch element):
     x (N, D)   W (M, D)   g, b (D,)
@@ -51,7 +54,7 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
     """acc + a @ b, accumulated in ACC: tl.dot, except for fp64. Triton 3.6's fp64 MMA lowering
     aborts on some tiles (assertion "fp64 don't support largeK MMA", seen on an H100 for a
     masked fp64 forward), so fp64, the gradcheck dtype and never a speed path, multiplies and
-    sums in registers instead (exact fp64 FMA arithmetic)."""
+    sums in registers instead (ordinary rounded fp64 products and sums)."""
     if ACC == tl.float64:
         return acc + tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
     else:
@@ -174,8 +177,9 @@ def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
     mean of the first D tile, `tl.sum` over the tile, the two kernels' k differed: the order of
     a reduction follows the tile's layout. At |s| ~ 1e5 s2 then moved by hundreds and the
     saturated-softmax gradients were NaN: tests/test_extreme_inputs.py.) The tree of exact
-    column extractions does not depend on the layout. It is also exact for a constant token
-    (sums of 2^j equal values, then / 16), which keeps var = 0 exactly. The columns come out of
+    column extractions does not depend on the layout. For D >= 16 (or D a power of two) it is
+    also exact for a constant token (sums of 2^j equal values, then / 2^j), which keeps var = 0
+    exactly. The columns come out of
     the tile already in its row layout: loading them separately as (BLOCK_N,) vectors needed a
     layout conversion that cost the forward its last free registers (a 4 B spill on sm_90)."""
     tl.static_assert(BLOCK_D >= SHIFT_D)
@@ -210,10 +214,12 @@ def token_block_scores(
     x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
     at the end:
         sum_d A[m,d] xhat[n,d] = r_n * (sum_d A[m,d] (x[n,d] - k_n) - (mu_n - k_n) * sum_d A[m,d]).
-    The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is within a few
-    standard deviations of mu_n (it is the mean of SHIFT_D of the token's own values), neither
-    form suffers the E[x^2] - E[x]^2 cancellation, even for mean 1e4 and std 1e-2: the values
-    that reach the dot are of the size of the spread, not of the offset. A[m,d] enters both
+    The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is the mean of
+    SHIFT_D of the token's own values, |k_n - mu_n| is of the order of the token's standard
+    deviation sigma (at most sqrt(D / 16 - 1) sigma, when all of the token's spread sits in
+    those 16 features), so neither form suffers the E[x^2] - E[x]^2 cancellation, even for
+    mean 1e4 and std 1e-2: the values that reach the dot are of the size of the spread, not of
+    the offset. A[m,d] enters both
     terms exactly as it enters the dot (rounded to DOT_DTYPE), so the correction is consistent.
     """
     offs_d = tl.arange(0, BLOCK_D)

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
+import triton
 
 MAX_M = 256
+# float64 multiplies in registers (`common.mma`: Triton's fp64 MMA path aborted on an H100), with
+# a BLOCK_M x 16 x 16 product per program: at BLOCK_M = 256 that needs 128 KB of shared memory,
+# over the 99 KB of sm_86/89/120 parts. fp64 is the gradcheck dtype, not a speed path, so on CUDA
+# larger M runs the PyTorch reference (ops.patch_merger); the interpreter has no such limit.
+FP64_MAX_M = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +39,11 @@ class Config:
     num_stages: int = 2
 
 
-# Read once: `@triton.jit` decides at decoration, i.e. when pm_kernels is imported, whether the
-# kernels are interpreter objects, and nothing set later changes that.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Read once, from Triton's own setting (TRITON_INTERPRET, parsed as Triton parses it, or
+# triton.knobs.runtime.interpret set in code before the import): `@triton.jit` decides at
+# decoration, i.e. when pm_kernels is imported, whether the kernels are interpreter objects,
+# and nothing set later changes that.
+_INTERPRETING = bool(triton.knobs.runtime.interpret)
 
 
 def interpreting() -> bool:
@@ -189,8 +196,9 @@ def _gpu_split(b: int, n: int, block_n: int, sms: int) -> int:
 
 
 def _backward_split(b: int, n: int, m: int, block_n: int, elem_bytes: int, sms: int) -> int:
-    """Split factor of the backward on a GPU at BLOCK_M = 16: one token block per program (see
-    "Measured" above), within two caps on the fp32 partial rows (dW: M x D, dg and db: D, per
+    """Split factor of the 16-bit backward on a GPU at BLOCK_M <= 32 (the tiers that share the
+    64 x 32 tile; measured at M = 8 only): one token block per program (see "Measured" above),
+    within two caps on the fp32 partial rows (dW: M x D, dg and db: D, per
     program) that the final sums read back: at most 16 programs per SM in all, and partial bytes
     at most the bytes of x (split * M * 4 <= N * elem_bytes)."""
     blocks = cdiv(n, block_n)
@@ -226,7 +234,7 @@ def split_rule(backward: bool, b: int, n: int, m: int, bm: int, bn: int, elem_by
     (also what `roofline` uses to count the bytes of a hypothetical device)."""
     if interpreting():
         return _split(b, n, bn, sms)
-    if backward and bm == 16 and elem_bytes <= 2:
+    if backward and bm <= 32 and elem_bytes <= 2:
         return _backward_split(b, n, m, bn, elem_bytes, sms)
     return _gpu_split(b, n, bn, sms)
 
@@ -256,13 +264,26 @@ def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
     return _token_config(_BACKWARD_TILES, b, n, d, m, dtype, device, backward=True)
 
 
+def _fp32_matmul_precision() -> str:
+    """torch's fp32 matmul precision as "highest" / "high" / "medium". Set through the newer
+    per-backend API alone (`torch.backends.cuda.matmul.fp32_precision = "tf32"`, torch >= 2.9),
+    the legacy getter raises; that API's "tf32" is then read as "medium", anything else as
+    "highest"."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        new = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+        return "medium" if new == "tf32" else "highest"
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision, following torch.get_float32_matmul_precision() the way torch's
-    own matmuls do: "highest" (the default) is full fp32 ("ieee": FMA, no tensor cores), "high"
-    is tf32x3 (three tf32 MMAs on hi/lo operand splits, ~2^-21 relative error per product; torch
-    allows tf32x3 or bf16x3 there), "medium" is one tf32 MMA. fp16/bf16/fp64 ignore the setting.
-    Measured on an H100: tf32x3 under "highest" made fp32 dx and dbias 4-6.5x less accurate than
-    torch's fp32 (tests/test_patch_merger.py), so "highest" must not use it."""
+    """`tl.dot` input precision, following torch's fp32 matmul precision: "highest" (the
+    default) is full fp32 ("ieee": FMA code, no tensor cores); "medium" is one tf32 MMA;
+    "high", where torch allows TF32 or bf16x3 (cuBLAS takes one TF32 pass), is tf32x3 here:
+    three tf32 MMAs on hi/lo operand splits, ~2^-21 relative error per product, closer to fp32
+    than torch's own "high". fp16/bf16/fp64 ignore the setting. Measured on an H100: tf32x3
+    under "highest" made fp32 dx and dbias 4-6.5x less accurate than torch's fp32
+    (tests/test_patch_merger.py), so "highest" must not use it."""
     if dtype != torch.float32:
         return "ieee"
-    return {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
+    return {"highest": "ieee", "high": "tf32x3"}.get(_fp32_matmul_precision(), "tf32")

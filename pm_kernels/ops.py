@@ -8,7 +8,8 @@ Dispatch rule (documented in the README):
   * `use_backend("triton" | "reference" | "auto")` (a context manager), `set_backend(...)`, or
     the environment variable PM_KERNELS_BACKEND force either path.
 Empty problems (B = 0, M = 0 or N = 0) always take the reference path, which defines them:
-empty outputs, and y = 0 with zero gradients when N = 0 (no token to merge).
+empty outputs, and y = 0 with zero gradients when N = 0 (no token to merge). So do float64 CUDA
+inputs with M > FP64_MAX_M (see heuristics).
 
 Registration: `pm_kernels::fwd` and `pm_kernels::bwd` are `torch.library.custom_op`s with fake
 (meta) implementations, and `register_autograd` ties them together, so `torch.compile` traces the
@@ -29,7 +30,7 @@ from torch import Tensor
 from . import reference
 from .backward import patch_merger_backward
 from .forward import patch_merger_forward
-from .heuristics import MAX_M, interpreting
+from .heuristics import FP64_MAX_M, MAX_M, interpreting
 
 __all__ = ["patch_merger", "use_backend", "set_backend", "get_backend"]
 
@@ -59,6 +60,11 @@ def use_backend(name: str):
         yield
     finally:
         set_backend(previous)
+
+
+def _fp64_beyond_kernels(dtype: torch.dtype, device_type: str, m: int) -> bool:
+    """float64 on CUDA with M > FP64_MAX_M runs the reference (see heuristics.FP64_MAX_M)."""
+    return dtype == torch.float64 and device_type == "cuda" and m > FP64_MAX_M
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -238,15 +244,26 @@ class _EagerFn(torch.autograd.Function):
         return y, lse, p
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dlse, _dp):
+        # The Triton backward is not itself differentiable: double backward (create_graph=True)
+        # raises instead of silently returning gradients without a graph.
         x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
         dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, ctx.eps,
                                                ctx.scale, mask)
         return dx, dq, dg, db, None, None, None, None
 
 
+def _tracing(x: Tensor) -> bool:
+    """Whether the call is being traced rather than run: under torch.compile, or under a
+    dispatch mode or with tensor subclasses (FakeTensorMode, make_fx, export), which need the
+    custom op's fake implementation and must never reach a kernel launch."""
+    return (torch.compiler.is_compiling() or type(x) is not Tensor
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
 def _forward_op(x, queries, weight, bias, mask, eps, scale, return_weights):
-    if torch.compiler.is_compiling():
+    if _tracing(x):
         return _fwd(x, queries, weight, bias, mask, eps, scale, return_weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, queries, weight, bias)):
@@ -311,7 +328,8 @@ def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
     # Inside, autocast is off: the inputs are already in the dtypes the op runs in.
     no_autocast = (torch.autocast(dev_type, enabled=False) if autocasting
                    else contextlib.nullcontext())
-    if not _use_triton(x.device) or x.numel() == 0 or m == 0:
+    if (not _use_triton(x.device) or x.numel() == 0 or m == 0
+            or _fp64_beyond_kernels(x.dtype, x.device.type, m)):
         with no_autocast:
             return reference.patch_merger(x, queries, weight, bias, eps=eps, scale=scale,
                                           mask=mask, return_weights=return_weights)

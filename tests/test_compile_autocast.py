@@ -78,6 +78,81 @@ def test_opcheck_bwd(affine, with_mask, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# The eager path (`ops._EagerFn`, which skips the custom op's dispatch) and tracing
+# ----------------------------------------------------------------------------------------------
+
+def test_eager_path_matches_custom_op(device):
+    """Eager calls run through `_EagerFn`, not the custom op: the same outputs and gradients,
+    bit for bit (the same launchers with the same arguments)."""
+    x, q, g, b, mask = _tensors(device)
+    dy = torch.randn(x.shape[0], q.shape[0], x.shape[-1], device=device)
+    results = []
+    for via_op in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+        if via_op:
+            y = FWD(*leaves, mask, 1e-5, 0.3, False)[0]
+        else:
+            y = pm_kernels.patch_merger(*leaves, mask=mask, scale=0.3)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+
+
+def test_double_backward_raises_instead_of_dropping_the_graph(device):
+    """The Triton backward is not differentiable. Asking for a gradient of a gradient must fail
+    loudly: a gradient without a graph would silently drop e.g. a gradient penalty."""
+    x, q, g, b, _ = _tensors(device)
+    x.requires_grad_()
+    y = pm_kernels.patch_merger(x, q, g, b)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        gx.square().sum().backward()
+
+
+def test_fake_tensor_mode_and_make_fx_reach_the_custom_op(device):
+    """Tracing (FakeTensorMode, make_fx, export) must take the custom op, whose fake kernel
+    gives the output shapes; the eager bypass would hand fake tensors to a kernel launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, q, g, b, mask = _tensors(device)
+    with FakeTensorMode() as mode:
+        fx, fq, fg, fb = (mode.from_tensor(t) for t in (x, q, g, b))
+        y = pm_kernels.patch_merger(fx.requires_grad_(), fq, fg, fb)
+        assert tuple(y.shape) == (x.shape[0], q.shape[0], x.shape[-1])
+
+    def fn(x, q, g, b, mask):
+        return pm_kernels.patch_merger(x, q, g, b, mask=mask)
+
+    for tracing_mode in ("fake", "real"):
+        gm = make_fx(fn, tracing_mode=tracing_mode)(x, q, g, b, mask)
+        assert FWD in _targets([gm]), tracing_mode
+    torch.testing.assert_close(gm(x, q, g, b, mask), fn(x, q, g, b, mask), rtol=0, atol=0)
+
+
+def test_float64_routing_rule():
+    """Which calls the fp64 rule sends to the reference: CUDA, float64, M > FP64_MAX_M only."""
+    from pm_kernels.heuristics import FP64_MAX_M
+    from pm_kernels.ops import _fp64_beyond_kernels
+    assert _fp64_beyond_kernels(torch.float64, "cuda", FP64_MAX_M + 1)
+    assert not _fp64_beyond_kernels(torch.float64, "cuda", FP64_MAX_M)
+    assert not _fp64_beyond_kernels(torch.float64, "cpu", 256)       # the interpreter: no limit
+    assert not _fp64_beyond_kernels(torch.float32, "cuda", 256)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the rule on a CUDA device")
+def test_float64_large_m_runs_the_reference_on_cuda():
+    """fp64 CUDA inputs with M > FP64_MAX_M take the reference (heuristics.FP64_MAX_M: the fp64
+    register products would not fit shared memory on every GPU); the result is still right."""
+    from pm_kernels.heuristics import FP64_MAX_M
+    x, q, g, b, _ = _tensors("cuda", m=FP64_MAX_M + 1, dtype=torch.float64)
+    with pm_kernels.use_backend("reference"):
+        expected = pm_kernels.patch_merger(x, q, g, b)
+    torch.testing.assert_close(pm_kernels.patch_merger(x, q, g, b), expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------
 

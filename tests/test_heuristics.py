@@ -1,0 +1,67 @@
+"""Launch heuristics: the host helpers and the precision mapping (no kernel runs here)."""
+
+import pytest
+import torch
+import triton
+
+from pm_kernels import heuristics
+
+
+def test_host_integer_helpers_match_triton():
+    """`cdiv` / `next_pow2` replace triton.cdiv / triton.next_power_of_2 on the launch path
+    (those are constexpr functions since Triton 3.5, microseconds per host call)."""
+    for a in range(0, 300):
+        assert heuristics.next_pow2(a) == max(1, triton.next_power_of_2(a)), a
+        for b in range(1, 70):
+            assert heuristics.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_interpreting_follows_tritons_own_setting():
+    assert heuristics.interpreting() == bool(triton.knobs.runtime.interpret)
+
+
+@pytest.fixture
+def restore_precision():
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.usefixtures("restore_precision")
+@pytest.mark.parametrize("level, expected", [("highest", "ieee"), ("high", "tf32x3"),
+                                             ("medium", "tf32")])
+def test_fp32_input_precision_follows_torch(level, expected):
+    torch.set_float32_matmul_precision(level)
+    assert heuristics.input_precision(torch.float32) == expected
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        assert heuristics.input_precision(dt) == "ieee"
+
+
+@pytest.mark.usefixtures("restore_precision")
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="the per-backend precision API arrived in torch 2.9")
+@pytest.mark.parametrize("new, expected", [("tf32", "tf32"), ("ieee", "ieee")])
+def test_fp32_input_precision_under_the_per_backend_api(new, expected):
+    """Set through torch.backends.cuda.matmul.fp32_precision, the legacy getter raises (mixed
+    APIs); the launchers must still pick a precision rather than fail every fp32 launch."""
+    torch.backends.cuda.matmul.fp32_precision = new
+    try:
+        assert heuristics.input_precision(torch.float32) == expected
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("b, n, m", [(256, 196, 8), (8, 4096, 8), (1, 1024, 16), (256, 197, 1)])
+def test_split_rule_is_what_the_gpu_configs_use(b, n, m, monkeypatch):
+    """roofline counts bytes with `split_rule`; the GPU configs must use exactly that rule."""
+    monkeypatch.setattr(heuristics, "_INTERPRETING", False)
+    monkeypatch.setattr(heuristics, "num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    for backward, pick in ((False, heuristics.forward_config), (True, heuristics.backward_config)):
+        cfg = pick(b, n, 768, m, torch.bfloat16, dev)
+        assert cfg.split == heuristics.split_rule(backward, b, n, m, cfg.block_m, cfg.block_n, 2,
+                                                  132)
+    # The paper's backward: one program per token block, within the partial-bytes cap.
+    if (b, n, m) == (256, 196, 8):
+        cfg = heuristics.backward_config(b, n, 768, m, torch.bfloat16, dev)
+        assert cfg.split == heuristics.cdiv(n, cfg.block_n)
