@@ -265,7 +265,9 @@ def graph_ms(fn) -> float | None:
         with torch.cuda.graph(graph):
             fn()
         return triton.testing.do_bench(graph.replay, warmup=10, rep=50)
-    except Exception:
+    except Exception as e:            # not capturable: say so, time the rest as usual
+        print(f"  (no CUDA-graph time: {_error_text(e)})")
+        torch.cuda.synchronize()
         return None
 
 
@@ -500,16 +502,31 @@ def results_stem(env: dict) -> str:
     return ("cpu" if env["device_type"] != "cuda" else slug(env["device"])) + "-" + env["date"]
 
 
-def merge_results(rows: list[dict], env: dict, out_dir: Path) -> tuple[list[dict], dict]:
-    """Rows of an earlier run of the same device and day (if any) with `rows` merged in."""
+def check_appendable(env: dict, dtype: torch.dtype, out_dir: Path) -> None:
+    """--append merges only runs of the same device, versions and input dtype (rows are keyed
+    by case, mode and provider). Checked before the benchmark runs, not after."""
     path = out_dir / f"{results_stem(env)}.json"
     if not path.exists():
-        return rows, env
+        return
     old = json.loads(path.read_text())
     old_env = old["environment"]
     if (old_env["torch"], old_env["triton"], old_env["device"]) != (
             env["torch"], env["triton"], env["device"]):
         raise SystemExit(f"--append: {path} was measured with another device or versions")
+    name = str(dtype).replace("torch.", "")
+    if any(r["dtype"] != name for r in old["rows"]):
+        raise SystemExit(f"--append: {path} holds rows of another dtype than {name}")
+
+
+def merge_results(rows: list[dict], env: dict, out_dir: Path) -> tuple[list[dict], dict]:
+    """Rows of an earlier run of the same device and day (if any) with `rows` merged in."""
+    path = out_dir / f"{results_stem(env)}.json"
+    if not path.exists():
+        return rows, env
+    if rows:
+        check_appendable(env, getattr(torch, rows[0]["dtype"]), out_dir)
+    old = json.loads(path.read_text())
+    old_env = old["environment"]
     new_keys = {(r["case"], r["mode"], r["provider"]) for r in rows}
     merged = [r for r in old["rows"] if (r["case"], r["mode"], r["provider"]) not in new_keys]
     merged += rows
@@ -636,18 +653,18 @@ def main(argv=None) -> int:
     providers = a.providers or (list(PROVIDERS) if cuda else ["eager", "cpp"])
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     cases = gpu_cases(a.quick) if cuda else cpu_cases(a.quick)
-    if a.cases:
+    if a.cases or a.groups:           # both filters apply when both are given
         all_cases = gpu_cases() if cuda else cpu_cases()
-        cases = [c for c in all_cases if c.name in a.cases]
+        cases = [c for c in all_cases if (not a.cases or c.name in a.cases)
+                 and (not a.groups or c.group in a.groups)]
         if not cases:
-            p.error(f"no case named {a.cases}; known: {[c.name for c in all_cases]}")
-    if a.groups:
-        cases = [c for c in (gpu_cases() if cuda else cpu_cases()) if c.group in a.groups]
-        if not cases:
-            p.error(f"no case in groups {a.groups}")
+            p.error(f"no case matches --cases {a.cases} --groups {a.groups}; known: "
+                    f"{[(c.name, c.group) for c in all_cases]}")
 
     copy_gbs = copy_bandwidth_gbs(dev)
     env = environment(dev, copy_gbs)
+    if a.append:
+        check_appendable(env, dtype, a.out)
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s; torch {env['torch']}, triton "
           f"{env['triton']}, CUDA {env['cuda']}")
     rows = run(cases, a.modes, providers, dtype, dev, quick=a.quick)

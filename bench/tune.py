@@ -103,8 +103,10 @@ def main(argv=None) -> int:
             default = heuristics.forward_config(b, n, d, m, dtype, dev)
             tiles = FORWARD_TILES
         else:
-            fn = lambda cfg: patch_merger_backward(dy, x, q, w, bias, y, lse, EPS, scale,  # noqa
-                                                   config=cfg)[0]
+            # Every gradient is checked: the split factor changes the partial rows behind
+            # dqueries / dweight / dbias more than dx.
+            fn = lambda cfg: torch.cat([g.flatten().float() for g in patch_merger_backward(  # noqa
+                dy, x, q, w, bias, y, lse, EPS, scale, config=cfg)])
             ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.backward_config(b, n, d, m, dtype, dev)
             tiles = BACKWARD_TILES
@@ -122,10 +124,14 @@ def main(argv=None) -> int:
             row = dict(shape=shape, kernel=kernel, config=str(cfg),
                        heuristic=cfg == default)
             try:
-                err = float((fn(cfg).float() - expected).abs().max())
-                row["max_diff_vs_heuristic"] = err
-                if not err < 0.1:
-                    raise RuntimeError(f"output differs from the heuristic's by {err}")
+                # Relative to the largest value: the weight gradients sum over B x N tokens and
+                # are rounded to bf16, so their absolute differences between split orders are
+                # ulps of large numbers. A wrong configuration is off by O(1) of the values.
+                err = float((fn(cfg).float() - expected).abs().max() / expected.abs().max())
+                row["max_rel_diff_vs_heuristic"] = err
+                if not err < 1e-2:
+                    raise RuntimeError(f"output differs from the heuristic's by {err:.2g} "
+                                       "(relative to the largest value)")
                 ms = triton.testing.do_bench(lambda: fn(cfg), warmup=10, rep=40)
                 row.update(ms=ms, gbps=ideal / ms / 1e6, pct_copy=100 * ideal / ms / 1e6 / copy_gbs)
                 print(f"  {ms:8.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%  {cfg}",

@@ -55,6 +55,17 @@ def test_append_refuses_another_device(tmp_path):
         suite.merge_results(rows, dict(_env(), torch="2.12.0"), tmp_path)
 
 
+def test_append_refuses_another_dtype_before_running(tmp_path):
+    """Rows are keyed by (case, mode, provider): an fp16 row must not replace a bf16 one (its
+    speed-ups would then compare dtypes). The check runs before the benchmark does."""
+    rows = _rows({"eager": 0.3})
+    suite.finish(rows, 3000.0)
+    suite.write_results(rows, _env(), tmp_path)
+    suite.check_appendable(_env(), torch.bfloat16, tmp_path)          # same dtype: fine
+    with pytest.raises(SystemExit, match="another dtype"):
+        suite.check_appendable(_env(), torch.float16, tmp_path)
+
+
 def test_markdown_report_is_generated_from_the_file(tmp_path):
     rows = (_rows({"pm_kernels": 0.5, "eager": 0.3, "sdpa": 0.2})
             + _rows({"pm_kernels": 1.0, "eager": 2.0}, mode="fwd+bwd"))
