@@ -17,7 +17,8 @@ forward did) and one sweep that forms dxn tile by tile and writes dx at once.
 
 Weight gradients are reduced deterministically: each program accumulates its tokens into its own
 fp32 partial row (dW: (P, M, D), dg and db: (P, D)) and `torch.sum` over P finishes the job. No
-atomics anywhere, so gradients are bitwise identical from run to run.
+atomics anywhere, so gradients are bitwise identical from run to run. Gradients autograd does not
+ask for (`needs`, from ctx.needs_input_grad) are neither computed nor written.
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ def _backward_kernel(
     N, D, M, tokens_per_split,
     scale_hi, scale_lo, eps_hi, eps_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    # NEED_*: which gradients autograd asked for (ctx.needs_input_grad); the others are neither
+    # computed nor written (a frozen x saves the N x D dx write, half the backward's bytes).
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     scale = hi_lo(scale_hi, scale_lo, ACC)
@@ -122,43 +126,45 @@ def _backward_kernel(
             md_in = m_in[:, None] & d_in[None, :]
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
             xhat = normalize_tile(x, shift, mean_rel, rstd, valid)
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
-                         mask=md_in, other=0.0)
-            w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
-                        other=0.0)
-            dxn = mma(p_t, as_operand(dy.to(ACC), DOT_DTYPE, EMULATE_BF16),
-                      tl.zeros((BLOCK_N, BLOCK_D), ACC), INPUT_PRECISION, ACC)
-            dxn = mma(sds_t, as_operand(w.to(ACC), DOT_DTYPE, EMULATE_BF16), dxn,
-                      INPUT_PRECISION, ACC)                                 # (BLOCK_N, BLOCK_D)
-
-            g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
-            dx = rstd[:, None] * (dxn * g[None, :] - mean_gdxn[:, None]
-                                  - xhat * mean_gdxn_xhat[:, None])
-            dx = tl.where(valid[:, None], dx, 0.0)
-            tl.store(dx_ptr + offs_n[:, None] * D + cols[None, :],
-                     to_output(dx, dx_ptr.dtype.element_ty, EMULATE_BF16),
-                     mask=n_in[:, None] & d_in[None, :])
-
-            # Partial sums: the first token block of a program starts them from zero.
-            dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
-            dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
-            dw = mma(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw, INPUT_PRECISION, ACC)
-            tl.store(dw_ptrs, dw, mask=md_in)
-            if NEED_DG:
-                dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
-                tl.store(dg_part_ptr + cols, dg + tl.sum(dxn * xhat, axis=0), mask=d_in)
-            if NEED_DB:
-                db = tl.load(db_part_ptr + cols, mask=d_in & not_first, other=0.0)
-                tl.store(db_part_ptr + cols, db + tl.sum(dxn, axis=0), mask=d_in)
+            if NEED_DX or NEED_DG or NEED_DB:
+                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
+                             mask=md_in, other=0.0)
+                w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
+                            other=0.0)
+                dxn = mma(p_t, as_operand(dy.to(ACC), DOT_DTYPE, EMULATE_BF16),
+                          tl.zeros((BLOCK_N, BLOCK_D), ACC), INPUT_PRECISION, ACC)
+                dxn = mma(sds_t, as_operand(w.to(ACC), DOT_DTYPE, EMULATE_BF16), dxn,
+                          INPUT_PRECISION, ACC)                             # (BLOCK_N, BLOCK_D)
+                if NEED_DX:
+                    g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+                    dx = rstd[:, None] * (dxn * g[None, :] - mean_gdxn[:, None]
+                                          - xhat * mean_gdxn_xhat[:, None])
+                    dx = tl.where(valid[:, None], dx, 0.0)
+                    tl.store(dx_ptr + offs_n[:, None] * D + cols[None, :],
+                             to_output(dx, dx_ptr.dtype.element_ty, EMULATE_BF16),
+                             mask=n_in[:, None] & d_in[None, :])
+                # Partial sums: the first token block of a program starts them from zero.
+                if NEED_DG:
+                    dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
+                    tl.store(dg_part_ptr + cols, dg + tl.sum(dxn * xhat, axis=0), mask=d_in)
+                if NEED_DB:
+                    db = tl.load(db_part_ptr + cols, mask=d_in & not_first, other=0.0)
+                    tl.store(db_part_ptr + cols, db + tl.sum(dxn, axis=0), mask=d_in)
+            if NEED_DW:
+                dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
+                dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
+                dw = mma(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw, INPUT_PRECISION,
+                         ACC)
+                tl.store(dw_ptrs, dw, mask=md_in)
 
     if n_start >= n_end:
         # A program with no tokens still owns a partial row: make it zero.
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             d_in = cols < D
-            zeros = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-            tl.store(dw_part_ptr + offs_m[:, None] * D + cols[None, :], zeros,
-                     mask=m_in[:, None] & d_in[None, :])
+            if NEED_DW:
+                tl.store(dw_part_ptr + offs_m[:, None] * D + cols[None, :],
+                         tl.zeros((BLOCK_M, BLOCK_D), ACC), mask=m_in[:, None] & d_in[None, :])
             if NEED_DG:
                 tl.store(dg_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
             if NEED_DB:
@@ -166,12 +172,17 @@ def _backward_kernel(
 
 
 def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask=None,
-                          config=None):
+                          config=None, needs=(True, True, True, True)):
     """Gradients of the fused op. dy (B, M, D) and x (B, N, D) may have any strides; y and lse are
-    the forward's outputs. Returns (dx (B, N, D), dqueries (M, D), dweight or None, dbias or None)
-    in the dtypes of x, queries, weight and bias."""
+    the forward's outputs. `needs` says which of (dx, dqueries, dweight, dbias) to compute (autograd's
+    needs_input_grad). Returns them in the dtypes of x, queries, weight and bias; None for each one
+    not needed (and for dweight / dbias when weight / bias is None)."""
     bsz, n, d = x.shape
     m = queries.shape[0]
+    need_dx, need_dq = needs[0], needs[1]
+    need_dg, need_db = needs[2] and weight is not None, needs[3] and bias is not None
+    if not (need_dx or need_dq or need_dg or need_db):
+        return None, None, None, None
     cfg = config or heuristics.backward_config(bsz, n, d, m, x.dtype, x.device)
     dot_dtype, emulate, acc_tl, acc_torch = kernel_dtypes(x.dtype)
     dev = x.device
@@ -191,10 +202,12 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
     split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
     tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
     parts = bsz * split
-    dx = torch.empty((bsz, n, d), dtype=x.dtype, device=dev)
-    dw_part = torch.empty((parts, m, d), dtype=acc_torch, device=dev)
-    dg_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if weight is not None else delta
-    db_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if bias is not None else delta
+    # Outputs not needed are not allocated: the kernel gets `delta` as a placeholder pointer
+    # and never touches it (NEED_* = False).
+    dx = torch.empty((bsz, n, d), dtype=x.dtype, device=dev) if need_dx else delta
+    dw_part = torch.empty((parts, m, d), dtype=acc_torch, device=dev) if need_dq else delta
+    dg_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if need_dg else delta
+    db_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if need_db else delta
     mk = mask.view(torch.uint8) if mask is not None else x
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)
@@ -206,16 +219,18 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_MASK=mask is not None, HAS_G=weight is not None,
-        NEED_DG=weight is not None, NEED_DB=bias is not None,
+        NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg, NEED_DB=need_db,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # Deterministic final reductions over the P partial rows (fixed order, no atomics).
-    dw = dw_part.sum(0)
-    if weight is not None:
-        dw = dw * weight.to(acc_torch)
-    dq = dw.to(queries.dtype)
-    dg = dg_part.sum(0).to(weight.dtype) if weight is not None else None
-    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dq, dg, db
+    dq = None
+    if need_dq:
+        dw = dw_part.sum(0)
+        if weight is not None:
+            dw = dw * weight.to(acc_torch)
+        dq = dw.to(queries.dtype)
+    dg = dg_part.sum(0).to(weight.dtype) if need_dg else None
+    db = db_part.sum(0).to(bias.dtype) if need_db else None
+    return (dx if need_dx else None), dq, dg, db

@@ -192,19 +192,25 @@ def _fwd_fake(x, queries, weight, bias, mask, eps, scale, return_weights):
 @torch.library.custom_op("pm_kernels::bwd", mutates_args=())
 def _bwd(dy: Tensor, x: Tensor, queries: Tensor, weight: Optional[Tensor],
          bias: Optional[Tensor], mask: Optional[Tensor], y: Tensor, lse: Tensor, eps: float,
-         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns dx, dqueries, dweight, dbias (the last two empty when weight / bias is None)."""
-    dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask)
+         scale: float, need_dx: bool = True, need_dqueries: bool = True,
+         need_dweight: bool = True, need_dbias: bool = True
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns dx, dqueries, dweight, dbias; a gradient not needed (need_* False, or weight /
+    bias None) is an empty tensor and is not computed."""
+    grads = patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask,
+                                  needs=(need_dx, need_dqueries, need_dweight, need_dbias))
     # Missing gradients are returned as distinct empty tensors (outputs may not alias).
-    return (dx, dq, dg if dg is not None else x.new_empty((0,)),
-            db if db is not None else x.new_empty((0,)))
+    return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, eps, scale):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(queries),
-            torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
-            torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
+def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, eps, scale, need_dx=True,
+              need_dqueries=True, need_dweight=True, need_dbias=True):
+    def like(t, need):
+        return torch.empty_like(t) if t is not None and need else x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx
+            else x.new_empty((0,)),
+            like(queries, need_dqueries), like(weight, need_dweight), like(bias, need_dbias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -219,9 +225,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse, _dp):
     x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
-    dx, dq, dg, db = _bwd(dy, x, queries, weight, bias, mask, y, lse, ctx.eps, ctx.scale)
-    return (dx, dq, dg if weight is not None else None, db if bias is not None else None,
-            None, None, None, None)
+    need = ctx.needs_input_grad[:4]
+    dx, dq, dg, db = _bwd(dy, x, queries, weight, bias, mask, y, lse, ctx.eps, ctx.scale, *need)
+    grads = (dx, dq, dg if weight is not None else None, db if bias is not None else None)
+    return (*(t if n else None for t, n in zip(grads, need)), None, None, None, None)
 
 
 torch.library.register_autograd("pm_kernels::fwd", _backward, setup_context=_setup_context)
@@ -250,7 +257,7 @@ class _EagerFn(torch.autograd.Function):
         # raises instead of silently returning gradients without a graph.
         x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
         dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, ctx.eps,
-                                               ctx.scale, mask)
+                                               ctx.scale, mask, needs=ctx.needs_input_grad[:4])
         return dx, dq, dg, db, None, None, None, None
 
 

@@ -75,6 +75,9 @@ def test_opcheck_bwd(affine, with_mask, device):
     y, lse, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False)
     dy = torch.randn_like(y)
     torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, 1e-5, 0.3))
+    # Only some gradients asked for (a frozen x, frozen LayerNorm parameters).
+    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, 1e-5, 0.3, False, True, False,
+                                True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +100,38 @@ def test_eager_path_matches_custom_op(device):
         results.append([y.detach()] + [t.grad for t in leaves])
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["eager", "custom-op"])
+@pytest.mark.parametrize("trainable", [("x",), ("queries",), ("weight", "bias"), ("x", "bias"),
+                                       ("queries", "weight")], ids="+".join)
+def test_only_needed_gradients_are_computed(trainable, via_op, device):
+    """Autograd's needs_input_grad reaches the kernel: a frozen x (features from a frozen
+    backbone) skips the N x D dx write, frozen parameters skip their partial rows. What is
+    computed is bitwise what a run with every gradient computes; frozen inputs get no .grad."""
+    from pm_kernels.backward import patch_merger_backward
+    names = ("x", "queries", "weight", "bias")
+    x, q, g, b, mask = _tensors(device)
+    dy = torch.randn(x.shape[0], q.shape[0], x.shape[-1], device=device)
+
+    def run(needed):
+        leaves = [t.clone().requires_grad_(name in needed) for name, t in zip(names, (x, q, g, b))]
+        y = (FWD(*leaves, mask, 1e-5, 0.3, False)[0] if via_op
+             else pm_kernels.patch_merger(*leaves, mask=mask, scale=0.3))
+        y.backward(dy)
+        return [t.grad for t in leaves]
+
+    full, part = run(names), run(trainable)
+    for name, f, p in zip(names, full, part):
+        if name in trainable:
+            assert torch.equal(f, p), name
+        else:
+            assert p is None, name
+    # The launcher itself returns None for what it was not asked for.
+    y, lse, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False)
+    needs = tuple(name in trainable for name in names)
+    grads = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, 0.3, mask, needs=needs)
+    assert [t is not None for t in grads] == list(needs)
 
 
 def test_double_backward_raises_instead_of_dropping_the_graph(device):
