@@ -2,7 +2,7 @@
 # One lent-GPU session in one command: versions, the test suite on the GPU (interpreter off),
 # the self-check and the benchmark. Written for the lent machines (torch + triton preinstalled, no
 # network); logs and results go to $OUT (or /tmp/pm_gpu), nothing is installed except what .whl/
-# carries (vit-pytorch for the timm-marked tests).
+# carries (vit-pytorch for the timm-marked tests: `bash scripts/fetch_gpu_wheels.sh` beforehand).
 #
 #   bash scripts/gpu_session.sh [tests] [selfcheck] [audit] [bench] [compile]   (default: all)
 #
