@@ -139,10 +139,9 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
 # below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
-# tiles grow; every other 16-bit tier is spill-free on sm_80 and sm_90. fp32 spills where no
-# tile tried avoided it: the backward 16 B at M <= 16 (sm_80) and 16-20 B at BLOCK_M = 64,
-# 260-280 B at 256, the forward 16-24 B at 256 -- the least among the tiles tried; such sizes
-# are better run in bf16.
+# tiles grow; every other 16-bit tier is spill-free on sm_80 and sm_90. fp32 (FMA dots) needs
+# smaller tiles: spill-free up to BLOCK_M = 128; at 256, where no tile tried avoided it, the
+# backward spills 256-264 B and the forward 16-24 B -- such sizes are better run in bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -171,11 +170,11 @@ _FORWARD_TILES = {
     256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 97-123 | 128, spills 16 / 24 B
 }
 _BACKWARD_TILES = {
-    16: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 162-226 / 112-204 | 124-168, spills 16 / 0 B
+    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 162-226 / 112-204 | 64-80 / 64-99
     32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-222 / 128-208 | 149-168 / 151-158
-    64: ((32, 32, 4, 1), (16, 16, 8, 1)),     # 198-241 / 168-228 | 128-160, spills 16 / 20 B
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 198-241 / 168-228 | 220-255 / 205-215
     128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 228-255 / 209-246 | 206-218 / 195-203
-    256: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 254-255 / 225-255 | 255, spills 280 / 260 B
+    256: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 254-255 / 225-255 | 255, spills 264 / 256 B
 }
 
 
