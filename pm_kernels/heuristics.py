@@ -140,8 +140,8 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
 # tiles grow; every other 16-bit tier is spill-free on sm_80 and sm_90. fp32 (FMA dots) needs
-# smaller tiles: spill-free up to BLOCK_M = 128; at 256, where no tile tried avoided it, the
-# backward spills 256-264 B and the forward 16-24 B -- such sizes are better run in bf16.
+# smaller tiles; all are spill-free but the backward at BLOCK_M = 256 (256-264 B, the least
+# among the tiles tried) -- such sizes are better run in bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -167,7 +167,7 @@ _FORWARD_TILES = {
     32: ((32, 64, 8, 2), (32, 16, 4, 1)),     # 105-128 / 103-128 | 154-160 / 151-159
     64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 119-128 / 99-134 | 128 / 128
     128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 112-128 / 97-122 | 106-116 / 106-128
-    256: ((16, 32, 16, 1), (16, 16, 8, 1)),   # 112-128 / 97-123 | 128, spills 16 / 24 B
+    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 112-128 / 97-123 | 188-210 / 171-183
 }
 _BACKWARD_TILES = {
     16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 162-226 / 112-204 | 64-80 / 64-99
