@@ -217,7 +217,8 @@ def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
         # simply faster; keep them moderate so tests still cross tile boundaries.
         bn = 32 if bm <= 64 else 16
         bd = _block_d(d, elem, 64)
-        return Config(bm, bn, bd, _split(b, n, bn, num_sms(device)), 4, 1)
+        return Config(bm, bn, bd, split_rule(backward, b, n, m, bm, bn, elem, num_sms(device)),
+                      4, 1)
     bn, bd_cap, warps, stages = _gpu_tiles(table, bm, elem)
     if elem == 8:
         # fp64 (gradcheck, references) multiplies in registers (`common.mma`), whose
