@@ -295,9 +295,11 @@ def designed_bytes(case: Case, mode: str, dtype: torch.dtype, device) -> int | N
     if torch.device(device).type != "cuda":
         return None
     fwd = roofline.forward_bytes(case.b, case.n, case.d, case.m, dtype, device=device).dram_bytes
+    inf = roofline.forward_bytes(case.b, case.n, case.d, case.m, dtype, device=device,
+                                 save_stats=False).dram_bytes
     bwd = roofline.backward_bytes(case.b, case.n, case.d, case.m, dtype,
                                   device=device).dram_bytes
-    return {"forward": fwd, "inference": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"forward": fwd, "inference": inf, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def peak_memory_mb(fn, device_type: str) -> float | None:

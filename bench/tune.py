@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         bias = (0.1 * torch.randn(d, generator=g)).to(dev, dtype)
         dy = torch.randn(b, m, d, generator=g).to(dev, dtype)
         scale = d ** -0.5
-        y, lse, _ = patch_merger_forward(x, q, w, bias, EPS, scale)
+        y, lse, stats, qsum, _ = patch_merger_forward(x, q, w, bias, EPS, scale, save_stats=True)
         if kernel == "forward":
             fn = lambda cfg: patch_merger_forward(x, q, w, bias, EPS, scale, config=cfg)[0]  # noqa
             ideal = roofline.forward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             # Every gradient is checked: the split factor changes the partial rows behind
             # dqueries / dweight / dbias more than dx.
             fn = lambda cfg: torch.cat([g.flatten().float() for g in patch_merger_backward(  # noqa
-                dy, x, q, w, bias, y, lse, EPS, scale, config=cfg)])
+                dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)])
             ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.backward_config(b, n, d, m, dtype, dev)
             tiles = BACKWARD_TILES

@@ -118,9 +118,11 @@ QUICK = dict(d=(768, 1280), n=(196, 1024), m=(8, 16), b=(1, 256), dtypes=("fp16"
 # Argument variants that change the binary: a launch with an affine LayerNorm in x's dtype is the
 # common case; "amp" is autocast training (fp16/bf16 x, fp32 parameters); "mask" a key-padding
 # mask; "no-affine" LayerNorm without weight/bias; "frozen-x" a backward without dx (x needs no
-# gradient: fewer live registers, 146-158 against 162-218 at the paper's shapes).
-VARIANTS = ("affine", "amp", "mask", "no-affine", "frozen-x")
-DEFAULT_VARIANTS = ("affine", "amp")
+# gradient: fewer live registers, 146-158 against 162-218 at the paper's shapes); "inference" the
+# forward alone, without the statistics a training forward saves for the backward (its own
+# binary: no SAVE_STATS stores).
+VARIANTS = ("affine", "amp", "mask", "no-affine", "frozen-x", "inference")
+DEFAULT_VARIANTS = ("affine", "amp", "inference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +226,15 @@ def record_launches(shape: Shape, dtype: str, arch: Arch, variant: str = "affine
         bias = torch.empty((d,), dtype=pdt, **meta)
     mask = torch.empty((b, n), dtype=torch.bool, **meta) if variant == "mask" else None
     with _recording(_launchable_kernels(), arch.sms) as launches, _matmul_precision(dtype):
-        y, lse, _ = patch_merger_forward(x, queries, weight, bias, 1e-5, d ** -0.5, mask,
-                                         config=forward_config)
+        training = variant != "inference"
+        y, lse, stats, qsum, _ = patch_merger_forward(x, queries, weight, bias, 1e-5, d ** -0.5,
+                                                      mask, config=forward_config,
+                                                      save_stats=training)
+        if not training:
+            return launches
         dy = torch.empty_like(y)
         # "frozen-x": x needs no gradient (a frozen backbone), the backward without dx.
-        patch_merger_backward(dy, x, queries, weight, bias, y, lse, 1e-5, d ** -0.5, mask,
+        patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, d ** -0.5, mask,
                               config=backward_config,
                               needs=(variant != "frozen-x", True, True, True))
     return launches

@@ -11,9 +11,10 @@ Per batch element, with dy (M, D) and the forward's lse2 (M,), the gradients are
 The two row means of the LayerNorm backward come from per-(m, n) quantities of the score pass:
     sum_d g dxn      = sum_m p a[m] + scale * sum_m ds cw[m]    a = dy @ g, cw = W @ g
     sum_d g dxn xhat = sum_m p dp' + sum_m ds sn                 sn = the scores
-so each token block needs two sweeps over D, as in the forward: the shared score sweep
-(`common.token_block_scores`, which recomputes the LayerNorm statistics and scores exactly as the
-forward did) and one sweep that forms dxn tile by tile and writes dx at once.
+so each token block needs two sweeps over D, as in the forward: the score sweep shared with the
+forward (`common.shifted_dots`: the dots of W g and dy g with the shifted tokens, which with the
+statistics the forward saved give the forward's scores exactly) and one sweep that forms dxn
+tile by tile and writes dx at once.
 
 Weight gradients are reduced deterministically: each program accumulates its tokens into its own
 fp32 partial row (dW: (P, M, D), dg and db: (P, D)) and `torch.sum` over P finishes the job. No
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from . import heuristics
 from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
-                     to_output, token_block, token_block_scores, token_range)
+                     shifted_dots, to_output, token_block, token_range, unshift)
 from .forward import kernel_dtypes, split_hi_lo
 
 
@@ -60,6 +61,54 @@ def _delta_kernel(
 
 
 @triton.jit
+def _query_sums(
+    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
+    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
+    dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D)
+    offs_m, m_in, D,
+    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
+):
+    """The backward's per-query sums over D, once per program (they do not depend on the
+    tokens; reducing them for every token block was a third of the score sweep's instructions):
+        c_dp[m] = sum_d op(dy[m,d] g[d])     op = rounded to DOT_DTYPE, exactly as the dot sees it
+        a[m]    = sum_d dy[m,d] g[d]
+        cw[m]   = sum_d W[m,d] g[d]
+    c_dp undoes the per-token shift in dp (`common.unshift`); a and cw are the row-mean terms
+    of the module docstring. (c_s, the scores' counterpart, comes from the forward.)"""
+    offs_d = tl.arange(0, BLOCK_D)
+    c_dp = tl.zeros(offs_m.shape, dtype=ACC)
+    a = tl.zeros(offs_m.shape, dtype=ACC)
+    cw = tl.zeros(offs_m.shape, dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        md_in = m_in[:, None] & (cols < D)[None, :]
+        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+        wg = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
+                     other=0.0).to(ACC) * g[None, :]
+        dyg = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
+                      mask=md_in, other=0.0).to(ACC) * g[None, :]
+        c_dp += tl.sum(as_operand(dyg, DOT_DTYPE, EMULATE_BF16).to(ACC), axis=1)
+        a += tl.sum(dyg, axis=1)
+        cw += tl.sum(wg, axis=1)
+    return c_dp, a, cw
+
+
+@triton.jit
+def _token_vector(ptrs, n_in, offs_d):
+    """The per-token values at ptrs (BLOCK_N,) as a vector in the row layout of the
+    (BLOCK_N, BLOCK_D) x tiles it is broadcast against; 0 beyond N.
+
+    Loaded as column 0 of such a tile and summed along the row, which is exact (one value plus
+    zeros). A plain 1-D load leaves Triton free to pick the vector's layout: it picked the MMA
+    layout of dxn and then normalised x in two layouts in every step of the dx sweep (617 -> 698
+    SASS instructions per D step at ViT-B/16 on sm_90)."""
+    tile = tl.load(ptrs[:, None] + 0 * offs_d[None, :], mask=n_in[:, None] & (offs_d == 0)[None, :],
+                   other=0.0)
+    return tl.sum(tile, axis=1)
+
+
+@triton.jit
 def _backward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,      # x (B, N, D), any strides
     mask_ptr, stride_mb, stride_mn,               # key padding mask (B, N) uint8
@@ -67,11 +116,13 @@ def _backward_kernel(
     g_ptr,                                        # LayerNorm weight (D,)
     dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
     lse_ptr, delta_ptr,                           # (B, M) ACC: forward's lse2, Delta'
+    stats_ptr,                                    # (B, 3, N) ACC: forward's (k, mu - k, rstd)
+    qsum_ptr,                                     # (M,) ACC: forward's c_s = sum_d op(W g)
     dx_ptr,                                       # (B, N, D) out, x's dtype, contiguous
     dw_part_ptr,                                  # (P, M, D) ACC partial sum_n scale*ds*xhat
     dg_part_ptr, db_part_ptr,                     # (P, D) ACC partial sums of dxn*xhat, dxn
     N, D, M, tokens_per_split,
-    scale_hi, scale_lo, eps_hi, eps_lo,
+    scale_hi, scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
@@ -83,7 +134,6 @@ def _backward_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     scale = hi_lo(scale_hi, scale_lo, ACC)
-    eps = hi_lo(eps_hi, eps_lo, ACC)
 
     x_ptr += pid_b * stride_xb
     dy_ptr += pid_b * stride_dyb
@@ -99,15 +149,25 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + pid_b * M + offs_m, mask=m_in, other=float("-inf"))
     delta = tl.load(delta_ptr + pid_b * M + offs_m, mask=m_in, other=0.0)
 
+    c_s = tl.load(qsum_ptr + offs_m, mask=m_in, other=0.0)
+    c_dp, a, cw = _query_sums(w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
+                              offs_m, m_in, D, BLOCK_D, HAS_G, DOT_DTYPE, EMULATE_BF16, ACC)
     n_start, n_end = token_range(N, tokens_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
                                           BLOCK_N, HAS_MASK)
-
-        shift, mean_rel, rstd, sn, dp, a, cw = token_block_scores(
+        # The forward's statistics, as it used them (see forward.py: why they are not
+        # recomputed). Tokens beyond N read 0: their x - k is masked to 0 anyway.
+        st_ptrs = stats_ptr + pid_b * 3 * N + offs_n
+        shift = _token_vector(st_ptrs, n_in, offs_d)
+        mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
+        rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
+        acc_s, acc_dp, _c_s, _s1, _s2 = shifted_dots(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
-            offs_m, m_in, offs_n, n_in, D, scale, eps,
-            BLOCK_D, HAS_G, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            shift, offs_m, m_in, offs_n, n_in, D,
+            BLOCK_D, HAS_G, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
+        dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
         # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
         live = m_in[:, None] & valid[None, :]
         p = tl.where(live, tl.exp2(sn * LOG2E - lse[:, None]), 0.0)
@@ -171,14 +231,20 @@ def _backward_kernel(
                 tl.store(db_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
 
 
-def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask=None,
+def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, scale, mask=None,
                           config=None, needs=(True, True, True, True)):
-    """Gradients of the fused op. dy (B, M, D) and x (B, N, D) may have any strides; y and lse are
-    the forward's outputs. `needs` says which of (dx, dqueries, dweight, dbias) to compute (autograd's
-    needs_input_grad). Returns them in the dtypes of x, queries, weight and bias; None for each one
-    not needed (and for dweight / dbias when weight / bias is None)."""
+    """Gradients of the fused op. dy (B, M, D) and x (B, N, D) may have any strides; y, lse,
+    stats and qsum are the forward's (`patch_merger_forward(..., save_stats=True)`). `needs`
+    says which of (dx, dqueries, dweight, dbias) to compute (autograd's needs_input_grad).
+    Returns them in the dtypes of x, queries, weight and bias; None for each one not needed (and
+    for dweight / dbias when weight / bias is None). There is no eps: the LayerNorm statistics
+    are the forward's."""
     bsz, n, d = x.shape
     m = queries.shape[0]
+    if (stats is None or qsum is None or tuple(stats.shape) != (bsz, 3, n)
+            or tuple(qsum.shape) != (m,)):
+        raise ValueError("patch_merger_backward needs the forward's token statistics (B, 3, N) "
+                         "and c_s (M,): run patch_merger_forward with save_stats=True")
     need_dx, need_dq = needs[0], needs[1]
     need_dg, need_db = needs[2] and weight is not None, needs[3] and bias is not None
     if not (need_dx or need_dq or need_dg or need_db):
@@ -211,12 +277,11 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask
     mk = mask.view(torch.uint8) if mask is not None else x
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)
-    eps_hi, eps_lo = split_hi_lo(eps)
 
     _backward_kernel[(bsz, split)](
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
-        dy, *dy.stride(), lse, delta, dx, dw_part, dg_part, db_part,
-        n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
+        dy, *dy.stride(), lse, delta, stats, qsum, dx, dw_part, dg_part, db_part,
+        n, d, m, tokens_per_split, scale_hi, scale_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_MASK=mask is not None, HAS_G=weight is not None,
         NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg, NEED_DB=need_db,

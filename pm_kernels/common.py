@@ -189,80 +189,111 @@ def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def token_block_scores(
+def shifted_dots(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
     w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
     g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
     dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D) (read when WITH_DY)
+    k,                                  # (BLOCK_N,) per-token shift, `shift_of_tokens`
     offs_m, m_in, offs_n, n_in, D,
-    scale, eps,
     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One sweep over D for a block of tokens: LayerNorm statistics and the scores.
+    """The sweep over D shared by the forward and the backward score passes: the dots of the
+    queries (and of dy) with the shifted tokens x - k, in the operands' rounded form.
 
-    Returns (k, mean_rel, rstd, sn, dp, a, cw), with shapes (BLOCK_N,) x 3, (BLOCK_M, BLOCK_N),
-    (BLOCK_M, BLOCK_N), (BLOCK_M,), (BLOCK_M,); the token mean is mu = k + mean_rel, kept as
-    the two terms for `normalize_tile` (see there):
-        sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d]
-        dp[m, n] = sum_d dy[m,d] g[d] xhat[n,d]          (WITH_DY; the backward's dp minus dy.b)
-        a[m]     = sum_d dy[m,d] g[d]                     (WITH_DY)
-        cw[m]    = sum_d W[m,d] g[d]                      (WITH_DY)
-
-    Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
-    x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
-    at the end:
-        sum_d A[m,d] xhat[n,d] = r_n * (sum_d A[m,d] (x[n,d] - k_n) - (mu_n - k_n) * sum_d A[m,d]).
-    The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is the mean of
-    SHIFT_D of the token's own values, |k_n - mu_n| is of the order of the token's standard
-    deviation sigma (at most sqrt(D / 16 - 1) sigma, when all of the token's spread sits in
-    those 16 features), so neither form suffers the E[x^2] - E[x]^2 cancellation, even for
-    mean 1e4 and std 1e-2: the values that reach the dot are of the size of the spread, not of
-    the offset. A[m,d] enters both
-    terms exactly as it enters the dot (rounded to DOT_DTYPE), so the correction is consistent.
-    """
+    Returns (acc_s, acc_dp, c_s, s1, s2):
+        acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
+        acc_dp[m, n] = sum_d op(dy[m,d] g[d]) op(x[n,d] - k_n)  (WITH_DY, else 0)
+        c_s[m]      = sum_d op(W[m,d] g[d])                     (not WITH_DY, else 0: the
+                      backward takes it from `query_sums`, once per program)
+        s1[n], s2[n] = sum_d (x - k), sum_d (x - k)^2           (WITH_STATS, else 0)
+    The dot accumulation order is fixed by BLOCK_D-independent MMA k-steps, and the operands
+    are the same rounded numbers in both kernels, so acc_s agrees between them."""
     offs_d = tl.arange(0, BLOCK_D)
     m_rows = offs_m[:, None]
-
-    x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
-    k = shift_of_tokens(x0, offs_d, D, BLOCK_D)
-
     s1 = tl.zeros_like(k)
     s2 = tl.zeros_like(k)
-    acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     c_s = tl.zeros(offs_m.shape, dtype=ACC)
+    acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     acc_dp = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
-    c_dp = tl.zeros(offs_m.shape, dtype=ACC)
-    a = tl.zeros(offs_m.shape, dtype=ACC)
-    cw = tl.zeros(offs_m.shape, dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         d_in = cols < D
         x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
         xk = tl.where(n_in[:, None] & d_in[None, :], x - k[:, None], 0.0)
-        s1 += tl.sum(xk, axis=1)
-        s2 += tl.sum(xk * xk, axis=1)
+        if WITH_STATS:
+            s1 += tl.sum(xk, axis=1)
+            s2 += tl.sum(xk * xk, axis=1)
         xk_t = tl.trans(as_operand(xk, DOT_DTYPE, EMULATE_BF16))
 
         g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
         md_in = m_in[:, None] & d_in[None, :]
         w = tl.load(w_ptr + m_rows * stride_wm + cols[None, :], mask=md_in, other=0.0)
         wg = as_operand(w.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
-        c_s += tl.sum(wg.to(ACC), axis=1)
         acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
         if WITH_DY:
             dy = tl.load(dy_ptr + m_rows * stride_dym + cols[None, :] * stride_dyd,
                          mask=md_in, other=0.0).to(ACC)
             dyg = as_operand(dy * g[None, :], DOT_DTYPE, EMULATE_BF16)
-            c_dp += tl.sum(dyg.to(ACC), axis=1)
             acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
-            a += tl.sum(dy * g[None, :], axis=1)
-            cw += tl.sum(w.to(ACC) * g[None, :], axis=1)
+        else:
+            c_s += tl.sum(wg.to(ACC), axis=1)
+    return acc_s, acc_dp, c_s, s1, s2
 
-    e1 = s1 / D                              # E[x - k]
-    var = tl.maximum(s2 / D - e1 * e1, 0.0)
+
+@triton.jit
+def unshift(acc, mean_rel, rstd, c, scale):
+    """scale * sum_d A[m,d] xhat[n,d] from the shifted dot acc = sum_d A[m,d] (x[n,d] - k_n)
+    and c[m] = sum_d A[m,d]:  scale * r_n * (acc - (mu_n - k_n) * c[m]).
+    One helper for both kernels, so the forward's and the backward's scores are the same
+    floating-point expression of the same numbers."""
+    return (scale * rstd[None, :]) * (acc - mean_rel[None, :] * c[:, None])
+
+
+@triton.jit
+def token_block_scores(
+    x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
+    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
+    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
+    offs_m, m_in, offs_n, n_in, D,
+    scale, eps,
+    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The forward's score pass over a block of tokens: one sweep over D that yields the
+    LayerNorm statistics and the scores.
+
+    Returns (k, mean_rel, rstd, sn, c_s), shapes (BLOCK_N,) x 3, (BLOCK_M, BLOCK_N) and
+    (BLOCK_M,); the token mean is mu = k + mean_rel, kept as the two terms for `normalize_tile`
+    (see there), and
+        sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d],   c_s[m] = sum_d op(W[m,d] g[d]).
+    The backward does not recompute the statistics: it reads (k, mean_rel, rstd) as the forward
+    saved them and redoes only the dots (`shifted_dots`, `unshift`).
+
+    Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
+    x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
+    at the end (`unshift`):
+        sum_d A[m,d] xhat[n,d] = r_n * (sum_d A[m,d] (x[n,d] - k_n) - (mu_n - k_n) * sum_d A[m,d]).
+    The same shift gives the variance as E[(x-k)^2] - E[x-k]^2. Because k_n is the mean of
+    SHIFT_D of the token's own values, |k_n - mu_n| is of the order of the token's standard
+    deviation sigma (at most sqrt(D / 16 - 1) sigma, when all of the token's spread sits in
+    those 16 features), so neither form suffers the E[x^2] - E[x]^2 cancellation, even for
+    mean 1e4 and std 1e-2: the values that reach the dot are of the size of the spread, not of
+    the offset. A[m,d] enters both terms exactly as it enters the dot (rounded to DOT_DTYPE),
+    so the correction is consistent.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
+    k = shift_of_tokens(x0, offs_d, D, BLOCK_D)
+    acc_s, _acc_dp, c_s, s1, s2 = shifted_dots(
+        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k,
+        offs_m, m_in, offs_n, n_in, D,
+        BLOCK_D, HAS_G, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+    mean_rel = s1 / D                        # E[x - k] = mu - k
+    var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)
-    sn = (scale * rstd[None, :]) * (acc_s - e1[None, :] * c_s[:, None])
-    dp = rstd[None, :] * (acc_dp - e1[None, :] * c_dp[:, None])
-    return k, e1, rstd, sn, dp, a, cw
+    return k, mean_rel, rstd, unshift(acc_s, mean_rel, rstd, c_s, scale), c_s

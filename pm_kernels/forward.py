@@ -14,14 +14,23 @@ last block writes y directly. y = g * acc / l + b, because sum_n p = 1.
 With split > 1, programs write their unnormalised (acc, m, l) partials and `_combine_kernel`
 merges them, rescaling each by exp2(m_s - max_s m_s).
 
-Saved for backward: only lse2 = m + log2(l) per (batch, query), fp32 (B, M). The backward
-recomputes mean/rstd and the scores in the same single sweep it needs anyway to form dp, so
-saving per-token statistics (8 bytes/token written here and read there) would buy nothing.
+Saved for backward (only when autograd will need it: SAVE_STATS), in the accumulator dtype
+(fp32; fp64 for fp64 inputs):
+  * lse2 = m + log2(l) per (batch, query), (B, M): the softmax normaliser;
+  * the token statistics (k, mu - k, rstd), (B, 3, N): 12 bytes per token, under 1 % of the
+    bytes of x at ViT widths (2 * D bytes per token in fp16);
+  * c_s = sum_d op(W g), (M,): the per-query sum that undoes the shift in the scores.
+The backward recomputes the scores from x (it sweeps x anyway to form dp) but takes these as
+they are, whatever its own tiles. When it summed the statistics again with its own BLOCK_D and
+warps (the GPU tables use 64 and 32 columns), mean and rstd could differ from the forward's in
+the last bits, so the recomputed p = exp2(s2 - lse2) was not exactly the forward's softmax.
+Reading them also spares the backward the per-token shift and two row reductions per D step.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -43,12 +52,14 @@ def _forward_kernel(
     acc_ptr,                                     # (B, split, M, D) ACC scratch / partials
     ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [not FINALIZE]
     s_ptr,                                       # (B, M, N) ACC base-2 scores [RETURN_SCORES]
+    stats_ptr,                                   # (B, 3, N) ACC (k, mu - k, rstd)  [SAVE_STATS]
+    qsum_ptr,                                    # (M,) ACC c_s = sum_d op(W g)      [SAVE_STATS]
     N, D, M, tokens_per_split,
     scale_hi, scale_lo, eps_hi, eps_lo,
     FINALIZE: tl.constexpr,                      # split == 1: write y and lse directly
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
-    RETURN_SCORES: tl.constexpr,
+    RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -71,10 +82,18 @@ def _forward_kernel(
         offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
                                           BLOCK_N, HAS_MASK)
 
-        shift, mean_rel, rstd, sn, _dp, _a, _cw = token_block_scores(
-            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0,
+        shift, mean_rel, rstd, sn, c_s = token_block_scores(
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
-            BLOCK_D, HAS_G, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, HAS_G, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        if SAVE_STATS:
+            st_ptrs = stats_ptr + pid_b * 3 * N + offs_n
+            tl.store(st_ptrs, shift, mask=n_in)
+            tl.store(st_ptrs + N, mean_rel, mask=n_in)
+            tl.store(st_ptrs + 2 * N, rstd, mask=n_in)
+            # Every program computes the same c_s (same code, same W and g); one stores it.
+            tl.store(qsum_ptr + offs_m, c_s,
+                     mask=m_in & ((pid_b == 0) & (pid_s == 0) & (n0 == n_start)))
         s2 = tl.where(valid[None, :], sn * LOG2E, float("-inf"))
         if RETURN_SCORES:
             tl.store(s_ptr + (pid_b * M + offs_m[:, None]) * N + offs_n[None, :], s2,
@@ -195,13 +214,24 @@ def split_hi_lo(v: float):
     return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
+class ForwardResult(NamedTuple):
+    """What `patch_merger_forward` returns. Everything but y is in the accumulator dtype (fp32;
+    fp64 for fp64 inputs)."""
+
+    y: torch.Tensor                   # (B, M, D), x's dtype
+    lse: torch.Tensor                 # (B, M) base-2 log-sum-exp of the scores
+    stats: Optional[torch.Tensor]     # (B, 3, N) per-token (k, mu - k, rstd), if save_stats
+    qsum: Optional[torch.Tensor]      # (M,) c_s = sum_d op(W g), if save_stats
+    scores: Optional[torch.Tensor]    # (B, M, N) base-2 masked scores, if return_scores
+
+
 def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
-                         return_scores=False, config=None):
+                         return_scores=False, config=None, save_stats=False) -> ForwardResult:
     """Launch the fused forward on x (B, N, D) (any strides), queries (M, D), weight/bias (D,)
     or None, mask (B, N) bool or None. Inputs are assumed validated (see `ops`).
 
-    Returns (y (B, M, D) in x's dtype, lse2 (B, M) fp32 (fp64 for fp64 x), scores2 or None)
-    where scores2 (B, M, N) are the base-2 masked scores when `return_scores`.
+    `save_stats` also writes what `patch_merger_backward` needs besides y and lse (the token
+    statistics and c_s); `return_scores` the base-2 scores s2.
     """
     bsz, n, d = x.shape
     m = queries.shape[0]
@@ -212,6 +242,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     lse = torch.empty((bsz, m), dtype=acc_torch, device=x.device)
     scores = (torch.empty((bsz, m, n), dtype=acc_torch, device=x.device)
               if return_scores else None)
+    stats = torch.empty((bsz, 3, n), dtype=acc_torch, device=x.device) if save_stats else None
+    qsum = torch.empty((m,), dtype=acc_torch, device=x.device) if save_stats else None
     split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
     tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
     needs_scratch = split > 1 or n > cfg.block_n
@@ -233,10 +265,11 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     _forward_kernel[(bsz, split)](
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
         y, lse, acc, ml, scores if scores is not None else lse,
+        stats if save_stats else lse, qsum if save_stats else lse,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
         FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
-        RETURN_SCORES=return_scores, DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
+        RETURN_SCORES=return_scores, SAVE_STATS=save_stats, DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -248,4 +281,4 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
             HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
             num_warps=ccfg.num_warps, num_stages=1,
         )
-    return y, lse, scores
+    return ForwardResult(y, lse, stats, qsum, scores)

@@ -159,52 +159,59 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights):
-    """The forward launch behind both entry points (`_fwd`, `_EagerFn`).
-    Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
-    y, lse, scores = patch_merger_forward(x, queries, weight, bias, eps, scale, mask,
-                                          return_scores=return_weights)
+def _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights, save_stats):
+    """The forward launch behind both entry points (`_fwd`, `_EagerFn`). Returns y (B, M, D),
+    lse2 (B, M), the token statistics (B, 3, N) and c_s (M,) that the backward reads (empty
+    unless save_stats), and the merge weights (B, M, N) (empty unless asked)."""
+    out = patch_merger_forward(x, queries, weight, bias, eps, scale, mask,
+                               return_scores=return_weights, save_stats=save_stats)
     if return_weights:
         # p = exp2(s2 - lse2); rows with no unmasked token (lse2 = -inf) are defined as 0.
-        empty = torch.isneginf(lse).unsqueeze(-1)
-        p = torch.where(empty, 0.0, torch.exp2(scores - lse.unsqueeze(-1))).to(x.dtype)
+        empty = torch.isneginf(out.lse).unsqueeze(-1)
+        p = torch.where(empty, 0.0, torch.exp2(out.scores - out.lse.unsqueeze(-1))).to(x.dtype)
     else:
         p = x.new_empty((0,))
-    return y, lse, p
+    stats = out.stats if save_stats else out.lse.new_empty((0,))
+    qsum = out.qsum if save_stats else out.lse.new_empty((0,))
+    return out.y, out.lse, stats, qsum, p
 
 
 @torch.library.custom_op("pm_kernels::fwd", mutates_args=())
 def _fwd(x: Tensor, queries: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-         mask: Optional[Tensor], eps: float, scale: float,
-         return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns y (B, M, D), lse2 (B, M) and the merge weights (B, M, N) (empty unless asked)."""
-    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
+         mask: Optional[Tensor], eps: float, scale: float, return_weights: bool,
+         save_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns y (B, M, D), lse2 (B, M), the token statistics (B, 3, N) and c_s (M,) (empty
+    unless save_stats), and the merge weights (B, M, N) (empty unless asked)."""
+    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights, save_stats)
 
 
 @_fwd.register_fake
-def _fwd_fake(x, queries, weight, bias, mask, eps, scale, return_weights):
+def _fwd_fake(x, queries, weight, bias, mask, eps, scale, return_weights, save_stats):
     b, n, d = x.shape
     m = queries.shape[0]
+    acc = _acc_dtype(x.dtype)
     p = x.new_empty((b, m, n)) if return_weights else x.new_empty((0,))
-    return x.new_empty((b, m, d)), x.new_empty((b, m), dtype=_acc_dtype(x.dtype)), p
+    stats = x.new_empty((b, 3, n), dtype=acc) if save_stats else x.new_empty((0,), dtype=acc)
+    qsum = x.new_empty((m,), dtype=acc) if save_stats else x.new_empty((0,), dtype=acc)
+    return x.new_empty((b, m, d)), x.new_empty((b, m), dtype=acc), stats, qsum, p
 
 
 @torch.library.custom_op("pm_kernels::bwd", mutates_args=())
 def _bwd(dy: Tensor, x: Tensor, queries: Tensor, weight: Optional[Tensor],
-         bias: Optional[Tensor], mask: Optional[Tensor], y: Tensor, lse: Tensor, eps: float,
-         scale: float, need_dx: bool = True, need_dqueries: bool = True,
-         need_dweight: bool = True, need_dbias: bool = True
+         bias: Optional[Tensor], mask: Optional[Tensor], y: Tensor, lse: Tensor, stats: Tensor,
+         qsum: Tensor, scale: float, need_dx: bool = True,
+         need_dqueries: bool = True, need_dweight: bool = True, need_dbias: bool = True
          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dx, dqueries, dweight, dbias; a gradient not needed (need_* False, or weight /
     bias None) is an empty tensor and is not computed."""
-    grads = patch_merger_backward(dy, x, queries, weight, bias, y, lse, eps, scale, mask,
+    grads = patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, scale, mask,
                                   needs=(need_dx, need_dqueries, need_dweight, need_dbias))
     # Missing gradients are returned as distinct empty tensors (outputs may not alias).
     return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, eps, scale, need_dx=True,
+def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, stats, qsum, scale, need_dx=True,
               need_dqueries=True, need_dweight=True, need_dbias=True):
     def like(t, need):
         return torch.empty_like(t) if t is not None and need else x.new_empty((0,))
@@ -214,21 +221,23 @@ def _bwd_fake(dy, x, queries, weight, bias, mask, y, lse, eps, scale, need_dx=Tr
 
 
 def _setup_context(ctx, inputs, output):
-    x, queries, weight, bias, mask, eps, scale, _ = inputs
-    y, lse, p = output
-    # Saved: x (the caller keeps it alive anyway), the parameters, y (M x D, for Delta) and the
-    # fp32 log-sum-exp (M values per batch element). Nothing of size N x D or M x N.
-    ctx.save_for_backward(x, queries, weight, bias, mask, y, lse)
-    ctx.eps, ctx.scale = eps, scale
-    ctx.mark_non_differentiable(lse, p)
+    x, queries, weight, bias, mask, eps, scale, _, _ = inputs
+    y, lse, stats, qsum, p = output
+    # Saved: x (the caller keeps it alive anyway), the parameters, y (M x D, for Delta), the
+    # log-sum-exp (M values per batch element), the token statistics (3 values per token, under
+    # 1 % of x's bytes) and c_s (M values). Nothing of size N x D or M x N.
+    ctx.save_for_backward(x, queries, weight, bias, mask, y, lse, stats, qsum)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse, stats, qsum, p)
 
 
-def _backward(ctx, dy, _dlse, _dp):
-    x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
+def _backward(ctx, dy, _dlse, _dstats, _dqsum, _dp):
+    x, queries, weight, bias, mask, y, lse, stats, qsum = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
-    dx, dq, dg, db = _bwd(dy, x, queries, weight, bias, mask, y, lse, ctx.eps, ctx.scale, *need)
+    dx, dq, dg, db = _bwd(dy, x, queries, weight, bias, mask, y, lse, stats, qsum, ctx.scale,
+                          *need)
     grads = (dx, dq, dg if weight is not None else None, db if bias is not None else None)
-    return (*(t if n else None for t, n in zip(grads, need)), None, None, None, None)
+    return (*(t if n else None for t, n in zip(grads, need)), None, None, None, None, None)
 
 
 torch.library.register_autograd("pm_kernels::fwd", _backward, setup_context=_setup_context)
@@ -246,18 +255,18 @@ class _EagerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, queries, weight, bias, mask, eps, scale, return_weights):
-        y, lse, p = _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
-        _setup_context(ctx, (x, queries, weight, bias, mask, eps, scale, return_weights),
-                       (y, lse, p))
-        return y, lse, p
+        out = _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights, True)
+        _setup_context(ctx, (x, queries, weight, bias, mask, eps, scale, return_weights, True),
+                       out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, _dlse, _dp):
+    def backward(ctx, dy, _dlse, _dstats, _dqsum, _dp):
         # The Triton backward is not itself differentiable: double backward (create_graph=True)
         # raises instead of silently returning gradients without a graph.
-        x, queries, weight, bias, mask, y, lse = ctx.saved_tensors
-        dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, ctx.eps,
+        x, queries, weight, bias, mask, y, lse, stats, qsum = ctx.saved_tensors
+        dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum,
                                                ctx.scale, mask, needs=ctx.needs_input_grad[:4])
         return dx, dq, dg, db, None, None, None, None
 
@@ -271,12 +280,15 @@ def _tracing(x: Tensor) -> bool:
 
 
 def _forward_op(x, queries, weight, bias, mask, eps, scale, return_weights):
+    """(y, lse, stats, qsum, p) through the path that fits the call. The statistics for the
+    backward are written only when autograd will run one (the condition autograd itself uses)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, queries, weight, bias))
     if _tracing(x):
-        return _fwd(x, queries, weight, bias, mask, eps, scale, return_weights)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, queries, weight, bias)):
+        return _fwd(x, queries, weight, bias, mask, eps, scale, return_weights, needs_grad)
+    if needs_grad:
         return _EagerFn.apply(x, queries, weight, bias, mask, eps, scale, return_weights)
-    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights)
+    return _fwd_impl(x, queries, weight, bias, mask, eps, scale, return_weights, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +356,8 @@ def patch_merger(x: Tensor, queries: Tensor, weight: Optional[Tensor] = None,
     x3 = x.reshape(-1, n, d)
     mask2 = mask.expand(*lead, n).reshape(-1, n) if mask is not None else None
     with no_autocast:
-        y, _lse, p = _forward_op(x3, queries, weight, bias, mask2, float(eps), scale,
-                                 return_weights)
+        y, _lse, _stats, _qsum, p = _forward_op(x3, queries, weight, bias, mask2, float(eps),
+                                                scale, return_weights)
     y = y.reshape(*lead, m, d)
     if return_weights:
         return y, p.reshape(*lead, m, n)

@@ -154,12 +154,13 @@ def _resolve(kind: str, b, n, d, m, dtype, config, device, sms) -> tuple[Config,
 def forward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.float16, *,
                   param_dtype: torch.dtype | None = None, affine: bool = True,
                   mask: bool = False, config: Config | None = None, device=None,
-                  sms: int | None = None) -> ByteReport:
+                  sms: int | None = None, save_stats: bool = True) -> ByteReport:
     """Bytes of one forward call (`_forward_kernel`, plus `_combine_kernel` when split > 1).
 
     `param_dtype` is the dtype of queries/weight/bias (x's dtype by default; fp32 under
     autocast). The config comes from the heuristics for `device` (or a device with `sms` SMs)
-    unless given."""
+    unless given. `save_stats`: a training forward, which also writes the token statistics and
+    c_s for the backward (False: inference)."""
     cfg, split = _resolve("forward", b, n, d, m, dtype, config, device, sms)
     e, pe = _size(dtype), _size(param_dtype or dtype)
     acc = 8 if dtype == torch.float64 else 4
@@ -185,7 +186,8 @@ def forward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.flo
             "lse": b * m * acc if finalize else 0,
             "split partials (acc)": b * partial_wr,
             "split partials (m, l)": b * split * 2 * m * acc if not finalize else 0,
-            "mask": b * n if mask else 0}
+            "mask": b * n if mask else 0,
+            "saved statistics": (b * 3 * n + m) * acc if save_stats else 0}
     first_tile = min(d, cfg.block_d)
     l2 = {"scratch (L2)": b * (scratch_rd + scratch_wr),
           # sweep 2 re-reads the block's x slab; sweep 1 reads its first D tile twice
@@ -244,10 +246,11 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
     partial = parts * (row + vec_rows * d * acc)
     dram = {"x": b * n * d * e, "dy": b * m * d * e, "params": params,
             "lse + delta": parts * 2 * m * acc, "dx": b * n * d * e,
-            "partials (dW, dg, db)": partial, "mask": b * n if mask else 0}
-    first_tile = min(d, cfg.block_d)
+            "partials (dW, dg, db)": partial, "mask": b * n if mask else 0,
+            "saved statistics": (b * 3 * n + m) * acc}
     l2 = {"scratch (L2)": scratch,
-          "x re-read": b * n * d * e + b * n * first_tile * e,
+          # the second sweep re-reads the block's x slab (no shift tile: k is saved)
+          "x re-read": b * n * d * e,
           # W and dy in both sweeps of every token block, g in both sweeps
           "dy re-read": b * (2 * blocks) * m * d * e - b * m * d * e,
           "params re-read": b * 2 * blocks * (m * d + (1 if affine else 0) * d) * pe - params}

@@ -7,6 +7,7 @@
 
 import os
 import pathlib
+import tempfile
 
 import torch
 
@@ -15,6 +16,10 @@ DEVICE = os.environ.get("PM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available(
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_CACHE_DIR", str(_ROOT / ".triton_cache"))
+# torch.compile's on-disk caches (shared by every checkout of a user, in /tmp) key a compiled
+# graph by its code, not by the schemas of the custom ops it calls: after pm_kernels::bwd lost an
+# argument, a cached backward graph still called it the old way. A fresh cache per test session.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pm_kernels_inductor_"))
 
 import pytest  # noqa: E402
 

@@ -28,7 +28,7 @@ from pm_kernels.heuristics import Config  # noqa: E402
 # so listing them costs nothing and documents what is covered.
 SUBSET = ["--arch", "80", "90", "--dtype", "fp16", "bf16",
           "--d", *map(str, audit.PAPER_D), "--n", "196", "256", "--m", "8", "16", "256",
-          "--b", "1", "256", "--variant", "affine", "amp"]
+          "--b", "1", "256", "--variant", "affine", "amp", "inference"]
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,14 @@ def test_forward_bytes_single_program_per_element():
     r = roofline.forward_bytes(b, n, d, m, torch.float16, config=cfg)
     assert r.ideal == {"x": b * n * d * 2, "y": b * m * d * 2, "params": (m + 2) * d * 2}
     assert len(r.launches) == 1                        # split 1: no combine kernel
-    # Designed DRAM traffic is the ideal plus the saved log-sum-exp only ...
-    assert r.dram_bytes == r.ideal_bytes + b * m * 4
+    # Designed DRAM traffic is the ideal plus what the backward reads: the log-sum-exp, the
+    # token statistics (k, mu - k, rstd) and c_s ...
+    assert r.dram_bytes == r.ideal_bytes + b * m * 4 + (b * 3 * n + m) * 4
     # ... and the accumulator round trips of the 4 token blocks (3 read + 3 write) hit L2.
     assert r.launches[0].l2["scratch (L2)"] == b * 6 * m * d * 4
+    # An inference forward saves no statistics.
+    inference = roofline.forward_bytes(b, n, d, m, torch.float16, config=cfg, save_stats=False)
+    assert inference.dram_bytes == r.ideal_bytes + b * m * 4
 
 
 def test_forward_bytes_split_partials_are_written_and_read():
@@ -117,3 +121,4 @@ def test_backward_bytes_partials_and_empty_programs():
     assert main.dram["partials (dW, dg, db)"] == parts * (m * d + 2 * d) * 4
     assert red.dram["dW partials"] == parts * m * d * 4
     assert r.ideal["dx"] == main.dram["dx"] == b * n * d * 4
+    assert main.dram["saved statistics"] == (b * 3 * n + m) * 4

@@ -52,18 +52,31 @@ def test_opcheck_fwd(affine, with_mask, return_weights, device):
     x, q, g, b, mask = _tensors(device)
     g = g if affine != "none" else None
     b = b if affine == "weight+bias" else None
-    args = (x.requires_grad_(), q.requires_grad_(),
-            g.requires_grad_() if g is not None else None,
-            b.requires_grad_() if b is not None else None,
-            mask if with_mask else None, 1e-5, 0.3, return_weights)
+    mask = mask if with_mask else None
+    # Training: the statistics for the backward are saved (opcheck runs the backward too).
+    args = (x.clone().requires_grad_(), q.clone().requires_grad_(),
+            g.clone().requires_grad_() if g is not None else None,
+            b.clone().requires_grad_() if b is not None else None,
+            mask, 1e-5, 0.3, return_weights, True)
     torch.library.opcheck(FWD, args)          # raises on any failure
+    # Inference: nothing saved (`ops._forward_op` asks for statistics exactly when autograd
+    # will run a backward).
+    torch.library.opcheck(FWD, (x, q, g, b, mask, 1e-5, 0.3, return_weights, False))
+
+
+def test_backward_without_saved_statistics_is_a_clear_error(device):
+    x, q, g, b, mask = _tensors(device)
+    leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
+    y = FWD(*leaves, mask, 1e-5, 0.3, False, False)[0]       # save_stats=False, yet a backward
+    with pytest.raises(ValueError, match="save_stats=True"):
+        y.backward(torch.randn_like(y))
 
 
 def test_opcheck_fwd_mixed_precision(device):
     # bf16 tokens with fp32 "master" parameters: the autocast / mixed-precision combination.
     x, q, g, b, mask = _tensors(device, dtype=torch.bfloat16, param_dtype=torch.float32)
     torch.library.opcheck(FWD, (x.requires_grad_(), q.requires_grad_(), g.requires_grad_(),
-                                b.requires_grad_(), mask, 1e-5, 0.25, True))
+                                b.requires_grad_(), mask, 1e-5, 0.25, True, True))
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["noaffine", "affine"])
@@ -72,12 +85,12 @@ def test_opcheck_bwd(affine, with_mask, device):
     x, q, g, b, mask = _tensors(device)
     g, b = (g, b) if affine else (None, None)
     mask = mask if with_mask else None
-    y, lse, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False)
+    y, lse, stats, qsum, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False, True)
     dy = torch.randn_like(y)
-    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, 1e-5, 0.3))
+    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, stats, qsum, 0.3))
     # Only some gradients asked for (a frozen x, frozen LayerNorm parameters).
-    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, 1e-5, 0.3, False, True, False,
-                                True))
+    torch.library.opcheck(BWD, (dy, x, q, g, b, mask, y, lse, stats, qsum, 0.3, False, True,
+                                False, True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +106,7 @@ def test_eager_path_matches_custom_op(device):
     for via_op in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
         if via_op:
-            y = FWD(*leaves, mask, 1e-5, 0.3, False)[0]
+            y = FWD(*leaves, mask, 1e-5, 0.3, False, True)[0]
         else:
             y = pm_kernels.patch_merger(*leaves, mask=mask, scale=0.3)
         y.backward(dy)
@@ -116,7 +129,7 @@ def test_only_needed_gradients_are_computed(trainable, via_op, device):
 
     def run(needed):
         leaves = [t.clone().requires_grad_(name in needed) for name, t in zip(names, (x, q, g, b))]
-        y = (FWD(*leaves, mask, 1e-5, 0.3, False)[0] if via_op
+        y = (FWD(*leaves, mask, 1e-5, 0.3, False, True)[0] if via_op
              else pm_kernels.patch_merger(*leaves, mask=mask, scale=0.3))
         y.backward(dy)
         return [t.grad for t in leaves]
@@ -128,9 +141,9 @@ def test_only_needed_gradients_are_computed(trainable, via_op, device):
         else:
             assert p is None, name
     # The launcher itself returns None for what it was not asked for.
-    y, lse, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False)
+    y, lse, stats, qsum, _ = FWD(x, q, g, b, mask, 1e-5, 0.3, False, True)
     needs = tuple(name in trainable for name in names)
-    grads = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, 0.3, mask, needs=needs)
+    grads = patch_merger_backward(dy, x, q, g, b, y, lse, stats, qsum, 0.3, mask, needs=needs)
     assert [t is not None for t in grads] == list(needs)
 
 

@@ -332,7 +332,8 @@ def test_backward_tile_need_not_match_forward_tile(dtype):
     x, q, g, b = make((2,), 30, 96, 5, dtype)
     q = (q.float() * 1e3).to(dtype)
     dy = torch.randn(2, 5, 96).to(dtype)
-    y, lse, _ = patch_merger_forward(x, q, g, b, 1e-5, 10.0, config=Config(16, 32, 64, 1, 4, 1))
+    y, lse, stats, qsum, _ = patch_merger_forward(x, q, g, b, 1e-5, 10.0, save_stats=True,
+                                                  config=Config(16, 32, 64, 1, 4, 1))
     for bwd in (Config(16, 32, 16, 1, 4, 1), Config(16, 16, 32, 2, 4, 1)):
-        grads = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, 10.0, config=bwd)
+        grads = patch_merger_backward(dy, x, q, g, b, y, lse, stats, qsum, 10.0, config=bwd)
         assert all(torch.isfinite(t).all() for t in grads), bwd

@@ -173,21 +173,62 @@ def triton_cdiv(a, b):
 
 
 class _ForcedConfigFn(torch.autograd.Function):
-    """The launchers with an explicit Config (the public op always asks the heuristics)."""
+    """The launchers with an explicit Config (the public op always asks the heuristics), or
+    with a (forward, backward) pair of them."""
 
     @staticmethod
     def forward(ctx, x, q, g, b, cfg):
-        y, lse, _ = patch_merger_forward(x, q, g, b, 1e-5, x.shape[-1] ** -0.5, config=cfg)
-        ctx.save_for_backward(x, q, g, b, y, lse)
-        ctx.cfg = cfg
+        fwd_cfg, ctx.bwd_cfg = cfg if isinstance(cfg, tuple) else (cfg, cfg)
+        y, lse, stats, qsum, _ = patch_merger_forward(x, q, g, b, 1e-5, x.shape[-1] ** -0.5,
+                                                      config=fwd_cfg, save_stats=True)
+        ctx.save_for_backward(x, q, g, b, y, lse, stats, qsum)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, q, g, b, y, lse = ctx.saved_tensors
-        dx, dq, dg, db = patch_merger_backward(dy, x, q, g, b, y, lse, 1e-5, x.shape[-1] ** -0.5,
-                                               config=ctx.cfg)
+        x, q, g, b, y, lse, stats, qsum = ctx.saved_tensors
+        dx, dq, dg, db = patch_merger_backward(dy, x, q, g, b, y, lse, stats, qsum,
+                                               x.shape[-1] ** -0.5, config=ctx.bwd_cfg)
         return dx, dq, dg, db, None
+
+
+def test_backward_with_tiles_other_than_the_forwards(device):
+    """On a GPU the forward and the backward use different tiles (64 and 32 D columns at the
+    paper's M); the other tests run both with one config. Here they differ in BLOCK_N, BLOCK_D
+    and split, so the backward must take everything about the tokens from what the forward
+    saved (token statistics, c_s, lse) and nothing from its own tiling."""
+    x, q, g, b, dy = make_inputs((2,), 37, 80, 5, torch.float32, device=device)
+    x = x + 3.0                                      # a mean away from 0: k and mu matter
+    cfgs = (heuristics.Config(16, 32, 64, split=1), heuristics.Config(16, 16, 16, split=2))
+
+    def ours(x_, q_, g_, b_):
+        return _ForcedConfigFn.apply(x_, q_, g_, b_, cfgs)
+    check_against_reference(x, q, g, b, dy, ours)
+
+
+@pytest.mark.parametrize("cfg", [None, heuristics.Config(16, 16, 32, split=3)],
+                         ids=["heuristics", "split3"])
+def test_saved_statistics_are_the_layernorm_statistics(cfg, device):
+    """What a training forward saves for the backward: per token (k, mu - k, rstd) with k the
+    shift (the mean of the first 16 features), and c_s = sum_d op(W g) per query (op: rounded to
+    x's dtype, as the dot sees it). Masked tokens are saved too (the backward masks them).
+    An inference forward writes neither."""
+    x, q, g, b, _ = make_inputs((3,), 45, 72, 5, torch.float16, param_dtype=torch.float32,
+                                device=device)
+    mask = torch.rand(3, 45, device=device) > 0.3
+    out = patch_merger_forward(x, q, g, b, 1e-5, 0.3, mask, config=cfg, save_stats=True)
+    k, mean_rel, rstd = out.stats.double().unbind(1)
+    xd = x.double()
+    assert out.stats.shape == (3, 3, 45) and out.stats.dtype == torch.float32
+    torch.testing.assert_close(k, xd[..., :16].mean(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(k + mean_rel, xd.mean(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rstd, (xd.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5,
+                               atol=0)
+    qsum = (q.float() * g.float()).to(x.dtype).double().sum(-1)
+    torch.testing.assert_close(out.qsum.double(), qsum, rtol=1e-6, atol=1e-6)
+    inference = patch_merger_forward(x, q, g, b, 1e-5, 0.3, mask, config=cfg)
+    assert inference.stats is None and inference.qsum is None
+    assert torch.equal(inference.y, out.y) and torch.equal(inference.lse, out.lse)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
