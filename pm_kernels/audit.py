@@ -32,6 +32,10 @@ Where the numbers come from
   binary served from Triton's cache prints nothing, so the parsed report is kept next to the
   cache (`<cache>/ptxas-stats/<hash>.json`); if that is missing the binary is recompiled.
 * shared memory: `compiled.metadata.shared` (dynamic shared memory per block, bytes).
+* loop instructions: the SASS instruction count of each innermost loop (the D sweeps), from
+  the cubin disassembled with the cuobjdump Triton bundles (`innermost_loops`). Not a timing,
+  but the one measure of a kernel's per-step work this machine can take: a change that should
+  make a sweep cheaper can be checked here before a GPU is at hand.
 
 The compile cache is project-local (`<repo>/.triton_cache/audit`, git-ignored) unless
 TRITON_CACHE_DIR is set, so re-runs (and the CI test) only compile what changed.
@@ -377,6 +381,46 @@ def parse_ptxas(log: str) -> dict | None:
     return out
 
 
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BACK_BRANCH = re.compile(r"\bBRA\s+(0x[0-9a-f]+)")
+
+
+def innermost_loops(sass: str) -> list[int]:
+    """Instruction counts of the innermost loops of one kernel's SASS, in program order.
+
+    A loop is the range from a backward branch's target to the branch; innermost means no other
+    loop lies inside it; a branch to itself (the trap after EXIT) is not a loop. For these
+    kernels the innermost loops are the D sweeps, so the counts are the instructions issued per
+    D step and per warp: a static measure of work that needs no GPU (it says nothing about
+    stalls, and a branch inside a loop body is counted as if both sides ran)."""
+    instrs = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines())
+              if m]
+    loops = []
+    for addr, text in instrs:
+        b = _BACK_BRANCH.search(text)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    inner = [(s, e) for s, e in loops
+             if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
+    return [sum(1 for a, _ in instrs if s <= a <= e) for s, e in sorted(inner)]
+
+
+def sass_loops(cubin: bytes) -> list[int] | None:
+    """`innermost_loops` of a cubin, disassembled with the cuobjdump Triton bundles (None when
+    it cannot be run)."""
+    import triton
+    try:
+        tool = triton.knobs.nvidia.cuobjdump.path
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "kernel.cubin"
+            path.write_bytes(cubin)
+            sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
+                                  check=True, timeout=60).stdout
+    except Exception:  # no cuobjdump, or it failed: the loop column stays empty
+        return None
+    return innermost_loops(sass)
+
+
 @contextlib.contextmanager
 def _capture_fds():
     """Capture everything written to fds 1 and 2 (Triton prints ptxas's log with print(); newer
@@ -450,6 +494,7 @@ def compile_job(job: Job) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(stats))
         result.update(stats)
+        result["loops"] = sass_loops(compiled.asm["cubin"])
         result["shared"] = int(compiled.metadata.shared)
         result["hash"] = compiled.hash          # the binary's key in Triton's cache
     except Exception as e:  # a failed compile is a finding, not a crash of the audit
@@ -621,7 +666,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
         g = groups.get(key)
         if g is None:
             g = groups[key] = dict(r, binaries=0, shapes=[], seconds=0.0, cached=True,
-                                   errors=[], regs_min=None)
+                                   errors=[], regs_min=None, loops=None)
             for k in ("registers", "spill_stores", "spill_loads", "stack", "shared"):
                 g[k] = 0
         g["binaries"] += 1
@@ -633,6 +678,8 @@ def group_rows(rows: list[dict]) -> list[dict]:
             continue
         for k in ("registers", "spill_stores", "spill_loads", "stack", "shared"):
             g[k] = max(g[k], r[k])
+        if sum(r.get("loops") or []) > sum(g.get("loops") or []):
+            g["loops"] = r["loops"]
         g["regs_min"] = r["registers"] if g["regs_min"] is None else min(g["regs_min"],
                                                                           r["registers"])
     out = list(groups.values())
@@ -646,7 +693,7 @@ def format_table(rows: list[dict], detail: bool = False) -> str:
     spec_col = "spec" if detail else "binaries"
     head = (f"{'kernel':<9} {'config':<24} {'dtype':<5} {'variant':<9} {'arch':<6} "
             f"{spec_col:<14} {'regs':>7} {'spill B':>7} {'smem B':>7} {'limit':>7} "
-            f"{'shapes':>6} {'compile':>8}")
+            f"{'shapes':>6} {'compile':>8}  loop instrs")
     lines = [head, "-" * len(head)]
     for r in (rows if detail else group_rows(rows)):
         spec = r["spec"] if detail else str(r["binaries"])
@@ -658,9 +705,10 @@ def format_table(rows: list[dict], detail: bool = False) -> str:
         regs = (f"{r['registers']}" if detail or r["regs_min"] == r["registers"]
                 else f"{r['regs_min']}-{r['registers']}")
         secs = "cached" if r["cached"] else f"{r['seconds']:.1f}s"
-        flag = " !" if r["spill_stores"] or r["shared"] > r["smem_limit"] else ""
+        flag = "!" if r["spill_stores"] or r["shared"] > r["smem_limit"] else " "
+        loops = "+".join(map(str, r.get("loops") or [])) or "-"
         lines.append(f"{lead} {regs:>7} {r['spill_stores']:>7} {r['shared']:>7} "
-                     f"{r['smem_limit']:>7} {len(r['shapes']):>6} {secs:>8}{flag}")
+                     f"{r['smem_limit']:>7} {len(r['shapes']):>6} {secs:>8}{flag} {loops}")
     return "\n".join(lines)
 
 

@@ -162,9 +162,10 @@ def _backward_kernel(
         shift = _token_vector(st_ptrs, n_in, offs_d)
         mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
         rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
+        # WITH_DY, no statistics; c_s is the forward's, so nothing is stored (w_ptr, False).
         acc_s, acc_dp, _c_s, _s1, _s2 = shifted_dots(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
-            shift, offs_m, m_in, offs_n, n_in, D,
+            shift, w_ptr, False, offs_m, m_in, offs_n, n_in, D,
             BLOCK_D, HAS_G, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)

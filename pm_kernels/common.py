@@ -195,6 +195,7 @@ def shifted_dots(
     g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
     dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D) (read when WITH_DY)
     k,                                  # (BLOCK_N,) per-token shift, `shift_of_tokens`
+    c_s_ptr, store_c_s,                 # (M,) out, and whether to write c_s there (not WITH_DY)
     offs_m, m_in, offs_n, n_in, D,
     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
     WITH_STATS: tl.constexpr,
@@ -207,8 +208,8 @@ def shifted_dots(
     Returns (acc_s, acc_dp, c_s, s1, s2):
         acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
         acc_dp[m, n] = sum_d op(dy[m,d] g[d]) op(x[n,d] - k_n)  (WITH_DY, else 0)
-        c_s[m]      = sum_d op(W[m,d] g[d])                     (not WITH_DY, else 0: the
-                      backward takes it from `query_sums`, once per program)
+        c_s[m]      = sum_d op(W[m,d] g[d])                     (not WITH_DY, else 0; also
+                      written to c_s_ptr when store_c_s: the forward saves it for the backward)
         s1[n], s2[n] = sum_d (x - k), sum_d (x - k)^2           (WITH_STATS, else 0)
     The dot accumulation order is fixed by BLOCK_D-independent MMA k-steps, and the operands
     are the same rounded numbers in both kernels, so acc_s agrees between them."""
@@ -241,6 +242,11 @@ def shifted_dots(
             acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
         else:
             c_s += tl.sum(wg.to(ACC), axis=1)
+            # The finished c_s is stored from inside the loop, at its last step: with a second
+            # use of the loop's result (returned and stored after the loop) Triton 3.6 aborts
+            # compiling the float32 forward without affine LayerNorm (assertion
+            # `loopResult.hasOneUse()` in TritonGPUOptimizeThreadLocality).
+            tl.store(c_s_ptr + offs_m, c_s, mask=m_in & store_c_s & (d0 + BLOCK_D >= D))
     return acc_s, acc_dp, c_s, s1, s2
 
 
@@ -258,6 +264,7 @@ def token_block_scores(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
     w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
     g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
+    c_s_ptr, store_c_s,                 # (M,): where to save c_s, and whether to
     offs_m, m_in, offs_n, n_in, D,
     scale, eps,
     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
@@ -267,12 +274,12 @@ def token_block_scores(
     """The forward's score pass over a block of tokens: one sweep over D that yields the
     LayerNorm statistics and the scores.
 
-    Returns (k, mean_rel, rstd, sn, c_s), shapes (BLOCK_N,) x 3, (BLOCK_M, BLOCK_N) and
-    (BLOCK_M,); the token mean is mu = k + mean_rel, kept as the two terms for `normalize_tile`
-    (see there), and
-        sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d],   c_s[m] = sum_d op(W[m,d] g[d]).
-    The backward does not recompute the statistics: it reads (k, mean_rel, rstd) as the forward
-    saved them and redoes only the dots (`shifted_dots`, `unshift`).
+    Returns (k, mean_rel, rstd, sn), shapes (BLOCK_N,) x 3 and (BLOCK_M, BLOCK_N); the token
+    mean is mu = k + mean_rel, kept as the two terms for `normalize_tile` (see there), and
+        sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d].
+    With store_c_s, c_s[m] = sum_d op(W[m,d] g[d]) goes to c_s_ptr. The backward does not
+    recompute the statistics: it reads (k, mean_rel, rstd) and c_s as the forward saved them
+    and redoes only the dots (`shifted_dots`, `unshift`).
 
     Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
     x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
@@ -290,10 +297,10 @@ def token_block_scores(
     x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
     k = shift_of_tokens(x0, offs_d, D, BLOCK_D)
     acc_s, _acc_dp, c_s, s1, s2 = shifted_dots(
-        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k,
+        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k, c_s_ptr, store_c_s,
         offs_m, m_in, offs_n, n_in, D,
         BLOCK_D, HAS_G, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
     mean_rel = s1 / D                        # E[x - k] = mu - k
     var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)
-    return k, mean_rel, rstd, unshift(acc_s, mean_rel, rstd, c_s, scale), c_s
+    return k, mean_rel, rstd, unshift(acc_s, mean_rel, rstd, c_s, scale)

@@ -133,15 +133,16 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
 #      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
 # Forward, M <= 16: 64 x 64 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step and two in
-# flight, 2 programs per SM. One exception to rule 1 is known and accepted: the masked M = 1
-# split variant spills 16 B on sm_90 (the per-token shift's column extraction,
-# `common.shift_of_tokens`, costs it its last registers; no paper shape is affected).
+# flight, 2 programs per SM. One exception to rule 2 is known: the masked training forward
+# (key-padding mask, statistics saved for the backward) takes 172 registers on sm_80, one
+# program per SM.
 # Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
 # below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
-# tiles grow; every other 16-bit tier is spill-free on sm_80 and sm_90. fp32 (FMA dots) needs
-# smaller tiles; all are spill-free but the backward at BLOCK_M = 256 (256-264 B, the least
-# among the tiles tried) -- such sizes are better run in bf16.
+# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90 (the BLOCK_M = 32 / 128
+# forward and the BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to
+# save statistics). fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
+# (272-324 B) and 4 B in some BLOCK_M = 16 / 32 variants -- large M is better run in bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -161,20 +162,19 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # The other tiers are as the audit chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
-    # BLOCK_M = 16 serves the paper's M = 8 and 16; its masked M = 1 split variant is the one
-    # 16-bit spill (16 B, sm_90, see above).
-    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128 / 104-128 | 128-156 / 128-152
-    32: ((32, 64, 8, 2), (32, 16, 4, 1)),     # 105-128 / 103-128 | 154-160 / 151-159
-    64: ((32, 32, 8, 2), (32, 32, 4, 1)),     # 119-128 / 99-134 | 128 / 128
-    128: ((16, 32, 8, 1), (16, 16, 8, 1)),    # 112-128 / 97-122 | 106-116 / 106-128
-    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 112-128 / 97-123 | 188-210 / 171-183
+    # BLOCK_M = 16 serves the paper's M = 8 and 16 (172 registers: the masked one, see above).
+    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128-172 / 104-128 | 147-164 / 128-168
+    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 107-128 | 154-168 / 152-168
+    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 116-134 | 212-226 / 204-223
+    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-154 / 105-136 | 106-128 / 106-128
+    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 114-128 / 96-121 | 186-255 / 173-255
 }
 _BACKWARD_TILES = {
-    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 162-226 / 112-204 | 64-80 / 64-99
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-222 / 128-208 | 149-168 / 151-158
-    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 198-241 / 168-228 | 220-255 / 205-215
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 228-255 / 209-246 | 206-218 / 195-203
-    256: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 254-255 / 225-255 | 255, spills 264 / 256 B
+    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 126-242 / 126-226 | 64-78 / 64-102
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-246 / 160-240 | 164-168 / 128-168
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 202-230 / 178-220 | 219-255 / 208-228
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 236-255 / 200-229 | 218-235 / 207-222
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 196-248 / 166-214 | 255, spills 324 / 324 B
 }
 
 

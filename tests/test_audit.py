@@ -46,6 +46,11 @@ def test_every_kernel_compiled_for_both_archs(report):
         kernels = {r["kernel"] for r in rows if r["arch"] == arch}
         assert kernels == {"forward", "combine", "delta", "backward"}, (arch, kernels)
     assert all(r["registers"] > 0 for r in rows)
+    # The disassembly worked: every forward / backward binary has its D sweeps as loops (the
+    # backward three: its per-query sums, the score sweep and the dx sweep).
+    for r in rows:
+        if r["kernel"] in ("forward", "backward"):
+            assert r["loops"] and len(r["loops"]) >= 2 and min(r["loops"]) > 10, r
 
 
 def test_no_spills_at_paper_shapes(report):
@@ -79,6 +84,20 @@ ptxas info    : Used 128 registers, used 1 barriers, 24 bytes cumulative stack s
     assert audit.parse_ptxas(log) == dict(registers=128, stack=24, spill_stores=16,
                                           spill_loads=20)
     assert audit.parse_ptxas("no report here") is None
+
+
+def test_innermost_loops_of_a_sass_listing():
+    # An outer loop 0x10..0x60 holding an inner one 0x20..0x40, a second innermost loop
+    # 0x70..0x90 and the trap after EXIT (a branch to itself): two innermost loops, 3 and 3.
+    lines = {0x00: "MOV R1, c[0x0][0x28]", 0x10: "IADD3 R2, R2, 0x1, RZ",
+             0x20: "LDG.E R4, [R2.64]", 0x30: "FADD R5, R5, R4", 0x40: "@P0 BRA 0x20",
+             0x50: "ISETP.GE.AND P1, PT, R2, R3, PT", 0x60: "@!P1 BRA 0x10",
+             0x70: "HMMA.16816.F32 R8, R12, R16, R8", 0x80: "FMUL R9, R9, R10",
+             0x90: "@P2 BRA 0x70", 0xa0: "EXIT", 0xb0: "BRA 0xb0"}
+    sass = "\n".join(f"        /*{a:04x}*/                   {t} ;   /* 0x000 */"
+                     for a, t in lines.items())
+    assert audit.innermost_loops(sass) == [3, 3]
+    assert audit.innermost_loops("no code") == []
 
 
 # ----------------------------------------------------------------------------------------------
