@@ -1,13 +1,15 @@
 """`@triton.jit` helpers shared by the forward and the backward kernels.
 
 The one piece of math both directions need is the *score pass* over a block of tokens: the
-LayerNorm statistics of each token and the scores s = scale * (W*g) @ xhat^T. Forward and
-backward call the same helper (`token_block_scores`) so the backward recomputes the scores
-whose log-sum-exp the forward saved from the very same rounded dot operands, and nothing of
-size N (no mean/rstd) has to be saved. What can differ is the fp32 accumulation order over D
-when the two kernels use different BLOCK_D (the GPU tables do: 64 and 32 columns at the paper's
-M): s2 then moves by a few fp32 ulps of |s2|. That is nothing at ordinary score ranges; at
-|s2| ~ 1e5 and beyond, p = exp2(s2 - lse2) no longer sums exactly to one over the tokens.
+scores s = scale * (W*g) @ xhat^T, from one sweep over D of dots with the shifted tokens
+(`shifted_dots`) and a correction that removes the shift (`unshift`). The forward's
+`token_block_scores` also sums each token's LayerNorm statistics in that sweep and saves them;
+the backward reads them, so it forms the scores whose log-sum-exp the forward saved from the
+same statistics and the same rounded dot operands. What can still differ is the fp32
+accumulation order of the dots when the two kernels tile D differently (the GPU tables use 64
+and 32 columns at the paper's M; not checked on a GPU): s2 would then move by a few fp32 ulps
+of |s2|. That is nothing at ordinary score ranges; at |s2| ~ 1e5 and beyond,
+p = exp2(s2 - lse2) would no longer sum exactly to one over the tokens.
 
 Notation used in every kernel of the package (one batch element):
     x (N, D)   W (M, D)   g, b (D,)
@@ -171,17 +173,16 @@ def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
     features, summed as a fixed pairwise tree of columns of x0, the token block's first D tile
     (zero beyond D).
 
-    k must be the same number in the forward and the backward, which recompute the scores with
-    their own BLOCK_D, BLOCK_N and warp counts: the 16-bit dot operands are x - k rounded to
-    x's dtype, and a k that differs in the last bit rounds them differently. (When k was the
-    mean of the first D tile, `tl.sum` over the tile, the two kernels' k differed: the order of
-    a reduction follows the tile's layout. At |s| ~ 1e5 s2 then moved by hundreds and the
-    saturated-softmax gradients were NaN: tests/test_extreme_inputs.py.) The tree of exact
-    column extractions does not depend on the layout. For D >= 16 (or D a power of two) it is
-    also exact for a constant token (sums of 2^j equal values, then / 2^j), which keeps var = 0
-    exactly. The columns come out of
-    the tile already in its row layout: loading them separately as (BLOCK_N,) vectors needed a
-    layout conversion that cost the forward its last free registers (a 4 B spill on sm_90)."""
+    The 16-bit dot operands are x - k rounded to x's dtype, so the backward must use the very k
+    of the forward: it reads it from the saved statistics. (Before it did, both kernels computed
+    k, and when k was the mean of the first D tile, `tl.sum` over the tile, the two differed: the
+    order of a reduction follows the tile's layout. At |s| ~ 1e5 s2 then moved by hundreds and
+    the saturated-softmax gradients were NaN: tests/test_extreme_inputs.py.) The tree of exact
+    column extractions does not depend on the tile's layout, so k is a function of the token
+    alone. For D >= 16 (or D a power of two) it is also exact for a constant token (sums of 2^j
+    equal values, then / 2^j), which keeps var = 0 exactly. The columns come out of the tile
+    already in its row layout: loading them separately as (BLOCK_N,) vectors needed a layout
+    conversion that cost the forward its last free registers (a 4 B spill on sm_90)."""
     tl.static_assert(BLOCK_D >= SHIFT_D)
     total = ((_four_columns(x0, offs_d, 0) + _four_columns(x0, offs_d, 4))
              + (_four_columns(x0, offs_d, 8) + _four_columns(x0, offs_d, 12)))
