@@ -6,8 +6,14 @@ Per batch element, with dy (M, D) and the forward's lse2 (M,), the gradients are
     ds       = p * (dp' - Delta')                  (the dy.b constant cancels between dp and Delta)
     dxn      = p^T dy + scale * ds^T W             (N, D)
     dW       = scale * g * (ds @ xhat)             (sum_n ds = 0 removes the bias term)
-    dg       = sum_n dxn * xhat,   db = sum_n dxn
+    dg       = sum_n dxn * xhat
+    db       = sum_m dy over the rows m that saw a token   (`_delta_kernel`, which reads dy anyway)
     dx       = r * (g dxn - mean_d(g dxn) - xhat * mean_d(g dxn xhat))
+db = sum_n dxn = sum_m (sum_n p) dy + scale * sum_m (sum_n ds) W with sum_n p = 1 (0 for a row
+whose tokens are all masked) and sum_n ds = 0: the bias passes straight through the merge, as the
+forward computes it (y = g * (p @ xhat) + b, b added once per row that saw a token). Summing dy is
+the exact gradient; summing dxn over the tokens in the dx sweep met those identities only up to
+rounding, and cost a cross-warp column reduction per D step.
 The two row means of the LayerNorm backward come from per-(m, n) quantities of the score pass:
     sum_d g dxn      = sum_m p a[m] + scale * sum_m ds cw[m]    a = dy @ g, cw = W @ g
     sum_d g dxn xhat = sum_m p dp' + sum_m ds sn                 sn = the scores
@@ -17,9 +23,10 @@ statistics the forward saved give the forward's scores exactly) and one sweep th
 tile by tile and writes dx at once.
 
 Weight gradients are reduced deterministically: each program accumulates its tokens into its own
-fp32 partial row (dW: (P, M, D), dg and db: (P, D)) and `torch.sum` over P finishes the job. No
-atomics anywhere, so gradients are bitwise identical from run to run. Gradients autograd does not
-ask for (`needs`, from ctx.needs_input_grad) are neither computed nor written.
+fp32 partial row (dW: (P, M, D), dg: (P, D); db: (B, D), from `_delta_kernel`) and `torch.sum`
+over the rows finishes the job. No atomics anywhere, so gradients are bitwise identical from run
+to run. Gradients autograd does not ask for (`needs`, from ctx.needs_input_grad) are neither
+computed nor written.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import triton.language as tl
 
 from . import heuristics
 from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
-                     shifted_dots, to_output, token_block, token_range, unshift)
+                     operand_row_sums, shifted_dots, to_output, token_block, token_range, unshift)
 from .forward import kernel_dtypes, split_hi_lo
 
 
@@ -39,14 +46,22 @@ def _delta_kernel(
     dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
     y_ptr,                                        # y (B, M, D), contiguous
     b_ptr,                                        # LayerNorm bias (D,)
+    lse_ptr,                                      # (B, M) ACC: the forward's lse2   [NEED_DB]
     delta_ptr,                                    # (B, M) ACC out
+    db_part_ptr,                                  # (B, D) ACC out                  [NEED_DB]
     D, M,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr, NEED_DB: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d])."""
+    """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d]), and, while dy is at hand, the
+    bias gradient's partial row db_part[b, :] = sum_m live[b,m] dy[b,m,:] (module docstring),
+    live = 1 for a row that saw a token (lse2 > -inf), 0 for one whose tokens were all masked,
+    NaN where lse2 is NaN (a NaN token), so that db is NaN there as in the reference."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
+    lse = tl.load(lse_ptr + pid_b * M + offs_m, mask=m_in & NEED_DB, other=float("-inf"))
+    live = tl.where(lse == float("-inf"), 0.0, 1.0 + 0.0 * lse)
     delta = tl.zeros((BLOCK_M,), ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -57,6 +72,9 @@ def _delta_kernel(
                     other=0.0).to(ACC)
         bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
         delta += tl.sum(dy * (y - bias[None, :]), axis=1)
+        if NEED_DB:
+            tl.store(db_part_ptr + pid_b * D + cols, tl.sum(dy * live[:, None], axis=0),
+                     mask=cols < D)
     tl.store(delta_ptr + pid_b * M + offs_m, delta, mask=m_in)
 
 
@@ -74,10 +92,11 @@ def _query_sums(
         c_dp[m] = sum_d op(dy[m,d] g[d])     op = rounded to DOT_DTYPE, exactly as the dot sees it
         a[m]    = sum_d dy[m,d] g[d]
         cw[m]   = sum_d W[m,d] g[d]
-    c_dp undoes the per-token shift in dp (`common.unshift`); a and cw are the row-mean terms
-    of the module docstring. (c_s, the scores' counterpart, comes from the forward.)"""
+    c_dp undoes the per-token shift in dp (`common.unshift`; the forward's c_s is the same
+    sum for W); a and cw are the row-mean terms of the module docstring."""
+    c_dp = operand_row_sums(dy_ptr, stride_dym, stride_dyd, g_ptr, offs_m, m_in, D, BLOCK_D,
+                            HAS_G, DOT_DTYPE, EMULATE_BF16, ACC)
     offs_d = tl.arange(0, BLOCK_D)
-    c_dp = tl.zeros(offs_m.shape, dtype=ACC)
     a = tl.zeros(offs_m.shape, dtype=ACC)
     cw = tl.zeros(offs_m.shape, dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
@@ -88,7 +107,6 @@ def _query_sums(
                      other=0.0).to(ACC) * g[None, :]
         dyg = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
                       mask=md_in, other=0.0).to(ACC) * g[None, :]
-        c_dp += tl.sum(as_operand(dyg, DOT_DTYPE, EMULATE_BF16).to(ACC), axis=1)
         a += tl.sum(dyg, axis=1)
         cw += tl.sum(wg, axis=1)
     return c_dp, a, cw
@@ -120,17 +138,19 @@ def _backward_kernel(
     qsum_ptr,                                     # (M,) ACC: forward's c_s = sum_d op(W g)
     dx_ptr,                                       # (B, N, D) out, x's dtype, contiguous
     dw_part_ptr,                                  # (P, M, D) ACC partial sum_n scale*ds*xhat
-    dg_part_ptr, db_part_ptr,                     # (P, D) ACC partial sums of dxn*xhat, dxn
+    dg_part_ptr,                                  # (P, D) ACC partial sum_n dxn*xhat
     N, D, M, tokens_per_split,
     scale_hi, scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,                         # D % BLOCK_D == 0: no column masks on x
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
     # NEED_*: which gradients autograd asked for (ctx.needs_input_grad); the others are neither
     # computed nor written (a frozen x saves the N x D dx write, half the backward's bytes).
+    # db is not among them: `_delta_kernel` sums it from dy (module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     scale = hi_lo(scale_hi, scale_lo, ACC)
@@ -141,7 +161,6 @@ def _backward_kernel(
     row = pid_b * tl.num_programs(1) + pid_s      # this program's partial-sum row
     dw_part_ptr += row * M * D
     dg_part_ptr += row * D
-    db_part_ptr += row * D
 
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
@@ -162,11 +181,10 @@ def _backward_kernel(
         shift = _token_vector(st_ptrs, n_in, offs_d)
         mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
         rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
-        # WITH_DY, no statistics; c_s is the forward's, so nothing is stored (w_ptr, False).
-        acc_s, acc_dp, _c_s, _s1, _s2 = shifted_dots(
+        acc_s, acc_dp, _s1, _s2 = shifted_dots(
             x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
-            shift, w_ptr, False, offs_m, m_in, offs_n, n_in, D,
-            BLOCK_D, HAS_G, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            shift, offs_m, m_in, offs_n, n_in, D,
+            BLOCK_D, EVEN_D, HAS_G, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
         # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
@@ -185,9 +203,9 @@ def _backward_kernel(
             cols = d0 + offs_d
             d_in = cols < D
             md_in = m_in[:, None] & d_in[None, :]
-            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
+            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
             xhat = normalize_tile(x, shift, mean_rel, rstd, valid)
-            if NEED_DX or NEED_DG or NEED_DB:
+            if NEED_DX or NEED_DG:
                 dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
                              mask=md_in, other=0.0)
                 w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
@@ -208,9 +226,6 @@ def _backward_kernel(
                 if NEED_DG:
                     dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
                     tl.store(dg_part_ptr + cols, dg + tl.sum(dxn * xhat, axis=0), mask=d_in)
-                if NEED_DB:
-                    db = tl.load(db_part_ptr + cols, mask=d_in & not_first, other=0.0)
-                    tl.store(db_part_ptr + cols, db + tl.sum(dxn, axis=0), mask=d_in)
             if NEED_DW:
                 dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
                 dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
@@ -228,8 +243,6 @@ def _backward_kernel(
                          tl.zeros((BLOCK_M, BLOCK_D), ACC), mask=m_in[:, None] & d_in[None, :])
             if NEED_DG:
                 tl.store(dg_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
-            if NEED_DB:
-                tl.store(db_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
 
 
 def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, scale, mask=None,
@@ -260,11 +273,15 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     y = y.contiguous()
 
     delta = torch.empty((bsz, m), dtype=acc_torch, device=dev)
+    db_part = torch.empty((bsz, d), dtype=acc_torch, device=dev) if need_db else delta
     _delta_kernel[(bsz,)](
-        dy, *dy.stride(), y, b, delta, d, m,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_B=bias is not None, ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=1,
+        dy, *dy.stride(), y, b, lse, delta, db_part, d, m,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_B=bias is not None, NEED_DB=need_db,
+        ACC=acc_tl, num_warps=cfg.num_warps, num_stages=1,
     )
+    db = db_part.sum(0).to(bias.dtype) if need_db else None
+    if not (need_dx or need_dq or need_dg):
+        return None, None, None, db
 
     split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
     tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
@@ -274,18 +291,17 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     dx = torch.empty((bsz, n, d), dtype=x.dtype, device=dev) if need_dx else delta
     dw_part = torch.empty((parts, m, d), dtype=acc_torch, device=dev) if need_dq else delta
     dg_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if need_dg else delta
-    db_part = torch.empty((parts, d), dtype=acc_torch, device=dev) if need_db else delta
     mk = mask.view(torch.uint8) if mask is not None else x
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)
 
     _backward_kernel[(bsz, split)](
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
-        dy, *dy.stride(), lse, delta, stats, qsum, dx, dw_part, dg_part, db_part,
+        dy, *dy.stride(), lse, delta, stats, qsum, dx, dw_part, dg_part,
         n, d, m, tokens_per_split, scale_hi, scale_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        HAS_MASK=mask is not None, HAS_G=weight is not None,
-        NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg, NEED_DB=need_db,
+        EVEN_D=d % cfg.block_d == 0, HAS_MASK=mask is not None, HAS_G=weight is not None,
+        NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -298,5 +314,4 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
             dw = dw * weight.to(acc_torch)
         dq = dw.to(queries.dtype)
     dg = dg_part.sum(0).to(weight.dtype) if need_dg else None
-    db = db_part.sum(0).to(bias.dtype) if need_db else None
     return (dx if need_dx else None), dq, dg, db

@@ -82,11 +82,48 @@ def precise_sqrt(v, ACC: tl.constexpr):
 
 
 @triton.jit
-def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC: tl.constexpr):
-    """x[offs_n, offs_d] of one batch element as an ACC tile (BLOCK_N, BLOCK_D); 0 outside."""
-    d_in = offs_d < D
+def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl.constexpr,
+                ACC: tl.constexpr):
+    """x[offs_n, offs_d] of one batch element as an ACC tile (BLOCK_N, BLOCK_D); 0 outside.
+    EVEN_D (D a multiple of BLOCK_D, every width the paper uses) drops the column mask."""
     ptrs = x_ptr + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
-    return tl.load(ptrs, mask=n_in[:, None] & d_in[None, :], other=0.0).to(ACC)
+    if EVEN_D:
+        mask = n_in[:, None]
+    else:
+        mask = n_in[:, None] & (offs_d < D)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def scaled_operand(v, g, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
+    """op(v * g): a (BLOCK_M, BLOCK_D) tile of W or dy scaled by the LayerNorm weight g
+    (BLOCK_D,) and rounded to the dot's dtype, exactly as both the dots and the per-query sums
+    that undo the shift (`operand_row_sums`) see it."""
+    return as_operand(v.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
+
+
+@triton.jit
+def operand_row_sums(a_ptr, stride_am, stride_ad, g_ptr, offs_m, m_in, D,
+                     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
+    """c[m] = sum_d op(A[m,d] g[d]) for A = W (the forward's c_s) or dy (the backward's c_dp),
+    A (M, D) at a_ptr: the sum of the very operand the shifted dots multiply, which `unshift`
+    needs. It does not depend on the tokens, so each program reduces it once, before its token
+    loop (reducing it in every step of the score sweep cost ~10 % of that sweep's instructions).
+
+    The columns are summed tile-wise and reduced across the tile once, after the loop. (A
+    `tl.sum` per step whose input is a bare load, as here for fp32 without affine weights,
+    makes Triton 3.6's TritonGPUOptimizeThreadLocality rewrite the loop, and it aborts on
+    assertion `loopResult.hasOneUse()` when the sum is used twice, as the forward uses c_s.)"""
+    offs_d = tl.arange(0, BLOCK_D)
+    c = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + cols[None, :] * stride_ad,
+                    mask=m_in[:, None] & (cols < D)[None, :], other=0.0)
+        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+        c += scaled_operand(a, g, DOT_DTYPE, EMULATE_BF16, ACC).to(ACC)
+    return tl.sum(c, axis=1)
 
 
 @triton.jit
@@ -195,10 +232,9 @@ def shifted_dots(
     w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
     g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
     dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D) (read when WITH_DY)
-    k,                                  # (BLOCK_N,) per-token shift, `shift_of_tokens`
-    c_s_ptr, store_c_s,                 # (M,) out, and whether to write c_s there (not WITH_DY)
+    k,                                  # (BLOCK_N,) per-token shift, 0 for tokens not in n_in
     offs_m, m_in, offs_n, n_in, D,
-    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
     WITH_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
@@ -206,26 +242,29 @@ def shifted_dots(
     """The sweep over D shared by the forward and the backward score passes: the dots of the
     queries (and of dy) with the shifted tokens x - k, in the operands' rounded form.
 
-    Returns (acc_s, acc_dp, c_s, s1, s2):
+    Returns (acc_s, acc_dp, s1, s2):
         acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
         acc_dp[m, n] = sum_d op(dy[m,d] g[d]) op(x[n,d] - k_n)  (WITH_DY, else 0)
-        c_s[m]      = sum_d op(W[m,d] g[d])                     (not WITH_DY, else 0; also
-                      written to c_s_ptr when store_c_s: the forward saves it for the backward)
         s1[n], s2[n] = sum_d (x - k), sum_d (x - k)^2           (WITH_STATS, else 0)
+    Tokens beyond the block's end load as 0 and have k = 0 (the caller's guarantee: the shift
+    of an all-zero row is 0, and the backward loads its saved shifts as 0 there), so x - k is
+    exactly 0 for them without a select in every step; only columns beyond D need one, and
+    only when D is not a multiple of BLOCK_D (not EVEN_D).
     The dot accumulation order is fixed by BLOCK_D-independent MMA k-steps, and the operands
     are the same rounded numbers in both kernels, so acc_s agrees between them."""
     offs_d = tl.arange(0, BLOCK_D)
     m_rows = offs_m[:, None]
     s1 = tl.zeros_like(k)
     s2 = tl.zeros_like(k)
-    c_s = tl.zeros(offs_m.shape, dtype=ACC)
     acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     acc_dp = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         d_in = cols < D
-        x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
-        xk = tl.where(n_in[:, None] & d_in[None, :], x - k[:, None], 0.0)
+        x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
+        xk = x - k[:, None]
+        if not EVEN_D:
+            xk = tl.where(d_in[None, :], xk, 0.0)
         if WITH_STATS:
             s1 += tl.sum(xk, axis=1)
             s2 += tl.sum(xk * xk, axis=1)
@@ -234,21 +273,14 @@ def shifted_dots(
         g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
         md_in = m_in[:, None] & d_in[None, :]
         w = tl.load(w_ptr + m_rows * stride_wm + cols[None, :], mask=md_in, other=0.0)
-        wg = as_operand(w.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
-        acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
+        acc_s = mma(scaled_operand(w, g, DOT_DTYPE, EMULATE_BF16, ACC), xk_t, acc_s,
+                    INPUT_PRECISION, ACC)
         if WITH_DY:
             dy = tl.load(dy_ptr + m_rows * stride_dym + cols[None, :] * stride_dyd,
-                         mask=md_in, other=0.0).to(ACC)
-            dyg = as_operand(dy * g[None, :], DOT_DTYPE, EMULATE_BF16)
-            acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
-        else:
-            c_s += tl.sum(wg.to(ACC), axis=1)
-            # The finished c_s is stored from inside the loop, at its last step: with a second
-            # use of the loop's result (returned and stored after the loop) Triton 3.6 aborts
-            # compiling the float32 forward without affine LayerNorm (assertion
-            # `loopResult.hasOneUse()` in TritonGPUOptimizeThreadLocality).
-            tl.store(c_s_ptr + offs_m, c_s, mask=m_in & store_c_s & (d0 + BLOCK_D >= D))
-    return acc_s, acc_dp, c_s, s1, s2
+                         mask=md_in, other=0.0)
+            acc_dp = mma(scaled_operand(dy, g, DOT_DTYPE, EMULATE_BF16, ACC), xk_t, acc_dp,
+                         INPUT_PRECISION, ACC)
+    return acc_s, acc_dp, s1, s2
 
 
 @triton.jit
@@ -265,10 +297,10 @@ def token_block_scores(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
     w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
     g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
-    c_s_ptr, store_c_s,                 # (M,): where to save c_s, and whether to
+    c_s,                                # (BLOCK_M,) sum_d op(W g), `operand_row_sums`
     offs_m, m_in, offs_n, n_in, D,
     scale, eps,
-    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_G: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -278,9 +310,8 @@ def token_block_scores(
     Returns (k, mean_rel, rstd, sn), shapes (BLOCK_N,) x 3 and (BLOCK_M, BLOCK_N); the token
     mean is mu = k + mean_rel, kept as the two terms for `normalize_tile` (see there), and
         sn[m, n] = scale * sum_d W[m,d] g[d] xhat[n,d].
-    With store_c_s, c_s[m] = sum_d op(W[m,d] g[d]) goes to c_s_ptr. The backward does not
-    recompute the statistics: it reads (k, mean_rel, rstd) and c_s as the forward saved them
-    and redoes only the dots (`shifted_dots`, `unshift`).
+    The backward does not recompute the statistics: it reads (k, mean_rel, rstd) and c_s as the
+    forward saved them and redoes only the dots (`shifted_dots`, `unshift`).
 
     Why a single sweep is exact enough: xhat is not known until the sweep ends, so the dots use
     x shifted by k_n, the mean of the token's first SHIFT_D features, and the shift is undone
@@ -295,12 +326,12 @@ def token_block_scores(
     so the correction is consistent.
     """
     offs_d = tl.arange(0, BLOCK_D)
-    x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, ACC)
-    k = shift_of_tokens(x0, offs_d, D, BLOCK_D)
-    acc_s, _acc_dp, c_s, s1, s2 = shifted_dots(
-        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k, c_s_ptr, store_c_s,
+    x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D, ACC)
+    k = shift_of_tokens(x0, offs_d, D, BLOCK_D)     # 0 for tokens not in n_in (zero rows)
+    acc_s, _acc_dp, s1, s2 = shifted_dots(
+        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k,
         offs_m, m_in, offs_n, n_in, D,
-        BLOCK_D, HAS_G, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        BLOCK_D, EVEN_D, HAS_G, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
     mean_rel = s1 / D                        # E[x - k] = mu - k
     var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)

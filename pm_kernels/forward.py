@@ -4,8 +4,10 @@ One program owns a range of tokens of one batch element (the whole axis unless t
 small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N tokens it
   1. sweeps D once (`common.token_block_scores`): LayerNorm statistics and base-2 scores s2;
   2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
-  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat.
-Sweep 2 re-reads the BLOCK_N x D slab that sweep 1 just brought on chip, so x comes from DRAM
+  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat, with xhat formed
+     as (x - k) r and its remaining term -(mu - k) r applied once per query row (see the kernel).
+Before the token loop it reduces c_s = sum_d op(W g) (`common.operand_row_sums`), which the
+scores need and does not depend on the tokens. Sweep 2 re-reads the BLOCK_N x D slab that sweep 1 just brought on chip, so x comes from DRAM
 once. The accumulator acc (M x D fp32) is too big for registers at ViT widths, so between token
 blocks it lives in a per-program fp32 scratch row (L2-resident); when a program sees a single
 token block (N <= BLOCK_N, e.g. ViT-B/16's 197 tokens) no scratch is touched at all, and the
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, operand_row_sums,
                      softmax_normalizers, to_output, token_block, token_block_scores, token_range)
 
 
@@ -58,6 +60,7 @@ def _forward_kernel(
     scale_hi, scale_lo, eps_hi, eps_lo,
     FINALIZE: tl.constexpr,                      # split == 1: write y and lse directly
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -75,20 +78,23 @@ def _forward_kernel(
     row = pid_b * tl.num_programs(1) + pid_s         # this program's scratch row
     acc_ptr += row * M * D
 
+    # c_s = sum_d op(W g) undoes the token shift in the scores; the backward reads it (every
+    # program computes the same bits; the first one saves them).
+    c_s = operand_row_sums(w_ptr, stride_wm, 1, g_ptr, offs_m, m_in, D, BLOCK_D, HAS_G,
+                           DOT_DTYPE, EMULATE_BF16, ACC)
+    if SAVE_STATS:
+        tl.store(qsum_ptr + offs_m, c_s, mask=m_in & (row == 0))
+
     n_start, n_end = token_range(N, tokens_per_split)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_M,), ACC)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
                                           BLOCK_N, HAS_MASK)
-
-        # Every program computes c_s bit for bit the same (same code, same W and g), so every
-        # program may save it: the duplicate writes carry identical values. (Letting only the
-        # first program write it cost the predicate's registers: 4 B of spills on sm_90.)
         shift, mean_rel, rstd, sn = token_block_scores(
-            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, qsum_ptr, SAVE_STATS,
+            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, c_s,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
-            BLOCK_D, HAS_G, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, EVEN_D, HAS_G, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         if SAVE_STATS:
             st_ptrs = stats_ptr + pid_b * 3 * N + offs_n
             tl.store(st_ptrs, shift, mask=n_in)
@@ -109,19 +115,30 @@ def _forward_kernel(
         m_i = m_new
         p_op = as_operand(p, DOT_DTYPE, EMULATE_BF16)
 
+        # Sweep 2 multiplies p by the shifted, scaled tokens (x - k) r and removes the rest of
+        # xhat = (x - k) r - (mu - k) r once per row instead of once per element:
+        #     sum_n op(p) xhat = sum_n op(p) op((x - k) r) - corr,  corr = sum_n op(p) (mu - k) r
+        # (exact but for the operand's rounding, which is that of xhat: k sits within about a
+        # standard deviation of mu, so (x - k) r is of the size of xhat). x - k stays the
+        # exact first step, as in `normalize_tile`. Tokens that are masked out (or beyond the
+        # block) load as 0 and get k = r = 0, so their operand is exactly 0 whatever their
+        # data (NaN included), with no select per element; columns beyond D are never stored.
+        k_v = tl.where(valid, shift, 0.0)
+        r_v = tl.where(valid, rstd, 0.0)
+        corr = tl.sum(p_op.to(ACC) * tl.where(valid, mean_rel * rstd, 0.0)[None, :], axis=1)
+
         not_first = n0 > n_start
         last = n0 + BLOCK_N >= n_end
         inv_l, has_tokens, _ = softmax_normalizers(m_i, l_i)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             md_in = m_in[:, None] & (cols < D)[None, :]
-            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, ACC)
-            xhat = as_operand(normalize_tile(x, shift, mean_rel, rstd, valid), DOT_DTYPE,
-                              EMULATE_BF16)
-            pv = mma(p_op, xhat, tl.zeros((BLOCK_M, BLOCK_D), ACC), INPUT_PRECISION, ACC)
+            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, valid, cols, D, EVEN_D, ACC)
+            xs = as_operand((x - k_v[:, None]) * r_v[:, None], DOT_DTYPE, EMULATE_BF16)
             # The first block of a program starts from acc = 0: the masked load reads nothing.
             acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
-            acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0) * alpha[:, None] + pv
+            acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0)
+            acc = mma(p_op, xs, acc * alpha[:, None] - corr[:, None], INPUT_PRECISION, ACC)
             if FINALIZE:
                 if last:
                     g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
@@ -268,6 +285,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         stats if save_stats else lse, qsum if save_stats else lse,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
         FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        EVEN_D=d % cfg.block_d == 0,
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, SAVE_STATS=save_stats, DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,

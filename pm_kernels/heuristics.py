@@ -132,10 +132,14 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
 #      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
-# Forward, M <= 16: 64 x 64 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step and two in
-# flight, 2 programs per SM. One exception to rule 2 is known: the masked training forward
-# (key-padding mask, statistics saved for the backward) takes 172 registers on sm_80, one
-# program per SM.
+# Forward, M <= 16: 128 x 32 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step, 2 programs
+# per SM, and half the token blocks of a 64-token tile (ViT-B/16's 196 tokens: 2 blocks, so one
+# round trip of the accumulator scratch instead of three). The 128-token tiles were the fastest
+# measured on all three tuned shapes (below); this one is the spill-free member of the family
+# (128 x 32 with 3 stages spills 4 B on sm_90, 128 x 64 needs one program per SM), and its two
+# sweeps issue 159 + 181 SASS instructions per 8 KB step where 64 x 64 issues 180 + 176 (ViT-B,
+# bf16, sm_90). It replaced 64 x 64 / 8 warps / 2 stages (0.157 ms measured on ViT-B) without a
+# GPU at hand: 2026-12-01, unmeasured.
 # Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
 # below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
@@ -155,15 +159,15 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
 # 0.543). 32 x 64 was faster still (0.345 / 0.672) but spilled 4 B on sm_90 with fp32
 # parameters (the autocast case). Forward: 128 x 32 on 8 warps, 3 stages, measured 0.121 ms on
-# ViT-B vs 0.157 for the 64 x 64 kept here, but spills 4 B on sm_90; 128 x 64, 8 warps,
+# ViT-B vs 0.157 for the 64 x 64 then in the table, but spills 4 B on sm_90; 128 x 64, 8 warps,
 # 3 stages was the fastest on ViT-H (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128 vs
-# 0.192), and is spill-free since the shift change (189-193 registers: one program per SM,
-# so two waves at B=256 on an H100); it waits for a GPU session to measure it on every shape.
-# The other tiers are as the audit chose them, not yet measured.
+# 0.192), but takes one program per SM (two waves at B=256 on an H100). The 128 x 32 / 2-stage
+# tile now in the table was not among the candidates then. The other tiers are as the audit
+# chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (172 registers: the masked one, see above).
-    16: ((64, 64, 8, 2), (32, 32, 4, 1)),     # 128-172 / 104-128 | 147-164 / 128-168
+    16: ((128, 32, 8, 2), (32, 32, 4, 1)),     # 128-172 / 104-128 | 147-164 / 128-168
     32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 107-128 | 154-168 / 152-168
     64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 116-134 | 212-226 / 204-223
     128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-154 / 105-136 | 106-128 / 106-128

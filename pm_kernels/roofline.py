@@ -227,18 +227,20 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
         ideal["mask"] = b * n
 
     launches = []
-    # Delta' = sum_d dy * (y - bias): reads dy and the forward's y.
+    # Delta' = sum_d dy * (y - bias): reads dy and the forward's y; with a bias it also reads
+    # lse and writes the db partial rows (sum_m dy per batch element, (B, D)).
     launches.append(LaunchBytes(
         "_delta_kernel",
         {"dy": b * m * d * e, "y": b * m * d * e, "bias": d * pe if affine else 0,
-         "delta": b * m * acc},
+         "delta": b * m * acc, "lse": b * m * acc if affine else 0,
+         "db partials": b * d * acc if affine else 0},
         {"bias re-read": (b - 1) * d * pe if affine else 0}))
 
     ranges = token_ranges(n, split, cfg.block_n)
     blocks = sum(nb for _, nb in ranges)
     parts = b * split
     row = m * d * acc
-    vec_rows = n_affine                              # dg and db partial rows (D each)
+    vec_rows = 1 if affine else 0                    # dg partial rows (D each)
     # Partial rows: read-modify-write for every token block after the first (L2), the last
     # write of each row is the partial that torch.sum reads (DRAM). Empty programs write zeros.
     rmw = sum(max(nb - 1, 0) for _, nb in ranges)
@@ -246,7 +248,7 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
     partial = parts * (row + vec_rows * d * acc)
     dram = {"x": b * n * d * e, "dy": b * m * d * e, "params": params,
             "lse + delta": parts * 2 * m * acc, "dx": b * n * d * e,
-            "partials (dW, dg, db)": partial, "mask": b * n if mask else 0,
+            "partials (dW, dg)": partial, "mask": b * n if mask else 0,
             "saved statistics": (b * 3 * n + m) * acc}
     l2 = {"scratch (L2)": scratch,
           # the second sweep re-reads the block's x slab (no shift tile: k is saved)
@@ -259,7 +261,8 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
     # torch: dw_part.sum(0); dw * weight; .to(queries.dtype); dg/db sums and casts.
     red = {"dW partials": parts * row, "dW": m * d * acc}
     if affine:
-        red.update({"dg, db partials": parts * 2 * d * acc, "dg, db": 2 * d * acc,
+        red.update({"dg partials": parts * d * acc, "db partials": b * d * acc,
+                    "dg, db": 2 * d * acc,
                     "dW * weight": 2 * m * d * acc + d * pe})
     red["casts"] = (m * d * acc + m * d * pe) + (2 * (d * acc + d * pe) if affine else 0)
     launches.append(LaunchBytes("torch reductions", red, {}))

@@ -137,7 +137,9 @@ def test_backward_bytes_partials_and_empty_programs():
     r = roofline.backward_bytes(b, n, d, m, torch.float32, config=Config(16, 16, 32, split=3))
     delta, main, red = r.launches
     parts = b * 3
-    assert main.dram["partials (dW, dg, db)"] == parts * (m * d + 2 * d) * 4
+    assert main.dram["partials (dW, dg)"] == parts * (m * d + d) * 4
     assert red.dram["dW partials"] == parts * m * d * 4
+    # db is summed from dy by the delta kernel: one (D,) row per batch element
+    assert delta.dram["db partials"] == red.dram["db partials"] == b * d * 4
     assert r.ideal["dx"] == main.dram["dx"] == b * n * d * 4
     assert main.dram["saved statistics"] == (b * 3 * n + m) * 4

@@ -117,11 +117,12 @@ def test_eager_path_matches_custom_op(device):
 
 @pytest.mark.parametrize("via_op", [False, True], ids=["eager", "custom-op"])
 @pytest.mark.parametrize("trainable", [("x",), ("queries",), ("weight", "bias"), ("x", "bias"),
-                                       ("queries", "weight")], ids="+".join)
+                                       ("queries", "weight"), ("bias",)], ids="+".join)
 def test_only_needed_gradients_are_computed(trainable, via_op, device):
     """Autograd's needs_input_grad reaches the kernel: a frozen x (features from a frozen
     backbone) skips the N x D dx write, frozen parameters skip their partial rows. What is
-    computed is bitwise what a run with every gradient computes; frozen inputs get no .grad."""
+    computed is bitwise what a run with every gradient computes; frozen inputs get no .grad.
+    A bias alone needs no token kernel at all (its gradient is summed from dy)."""
     from pm_kernels.backward import patch_merger_backward
     names = ("x", "queries", "weight", "bias")
     x, q, g, b, mask = _tensors(device)

@@ -520,15 +520,22 @@ def test_all_masked_rows_are_zero_with_zero_grads(dtype):
     x[1] = float("nan")                                         # ... and nothing readable
     leaves = [t.clone().requires_grad_() for t in (x, q, g, b)]
     y, p = triton_op(*leaves, mask=mask, return_weights=True)
-    y.backward(torch.randn_like(y))
+    dy = torch.randn_like(y)
+    y.backward(dy)
     assert (y[1] == 0).all() and (p[1] == 0).all()
     assert (leaves[0].grad[1] == 0).all()
     for t in leaves:
         assert torch.isfinite(t.grad).all()
-    # The other batch elements are unaffected: same result as without element 1.
+    # The other batch elements are unaffected: same result as without element 1, and the
+    # empty rows add nothing to the parameter gradients (db is a sum of dy over live rows).
     keep = [0, 2]
-    y2 = triton_op(x[keep], q, g, b, mask=mask[keep])
-    torch.testing.assert_close(y[keep].detach(), y2, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    kept = [t.clone().requires_grad_() for t in (x[keep], q, g, b)]
+    y2 = triton_op(*kept, mask=mask[keep])
+    y2.backward(dy[keep])
+    tol = dict(rtol=0, atol=4 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(y[keep].detach(), y2.detach(), **tol)
+    for name, full, part in zip(("dq", "dg", "db"), leaves[1:], kept[1:]):
+        torch.testing.assert_close(full.grad, part.grad, msg=name, **tol)
 
 
 def test_all_masked_everything_gives_zero_grads():
