@@ -37,7 +37,8 @@ import triton.language as tl
 
 from . import heuristics
 from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
-                     operand_row_sums, shifted_dots, to_output, token_block, token_range, unshift)
+                     operand_row_sums, shifted_dots, to_output, token_block, token_normalizers,
+                     token_range, unshift)
 from .forward import kernel_dtypes, split_hi_lo
 
 
@@ -198,13 +199,16 @@ def _backward_kernel(
         p_t = tl.trans(as_operand(p, DOT_DTYPE, EMULATE_BF16))              # (BLOCK_N, BLOCK_M)
         sds = as_operand(scale * ds, DOT_DTYPE, EMULATE_BF16)               # (BLOCK_M, BLOCK_N)
         sds_t = tl.trans(sds)
+        # xhat of the dx sweep, 0 for masked tokens. (Here a select on the tile compiles to
+        # fewer instructions than the forward's masked load: 485 vs 515 per step on sm_90.)
+        k_v, r_v, c_v = token_normalizers(shift, mean_rel, rstd, valid)
         not_first = n0 > n_start
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             d_in = cols < D
             md_in = m_in[:, None] & d_in[None, :]
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
-            xhat = normalize_tile(x, shift, mean_rel, rstd, valid)
+            xhat = tl.where(valid[:, None], normalize_tile(x, k_v, r_v, c_v), 0.0)
             if NEED_DX or NEED_DG:
                 dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
                              mask=md_in, other=0.0)

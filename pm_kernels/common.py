@@ -164,17 +164,33 @@ def load_vec(ptr, offs, n, HAS: tl.constexpr, DEFAULT: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
-def normalize_tile(x, shift, mean_rel, rstd, valid):
-    """xhat = ((x - k) - (mu - k)) * r for a (BLOCK_N, BLOCK_D) tile, with the shift k and
-    mean_rel = mu - k of `token_block_scores`; exactly 0 for tokens that are masked or out of
-    range, so garbage (even inf/NaN) in a padded token never leaks through p * xhat.
+def token_normalizers(shift, mean_rel, rstd, valid):
+    """Per-token (k, r, c) for `normalize_tile`, from the shift k, mean_rel = mu - k and rstd
+    r of `token_block_scores`: c = -(mu - k) r. All three are 0 for tokens that are masked or out
+    of range; their x is loaded as 0 (load mask `valid`), so their xhat is exactly 0 and
+    garbage (even inf/NaN) in a padded token never reaches p * xhat, without a select per
+    element."""
+    return (tl.where(valid, shift, 0.0), tl.where(valid, rstd, 0.0),
+            tl.where(valid, -mean_rel * rstd, 0.0))
 
-    Subtracting in two steps keeps the shift's accuracy: x - k is exact (Sterbenz) when x sits
-    near k, while x - fp32(k + e1) would carry mu's rounding, half an ulp of |mu|, into every
-    xhat, times r (mean 1e4, std 1e-2 in fp32: 5e-4 * 100 = 0.05 in xhat; this made y and the
-    gradients disagree with the scores, e.g. dbias off by 0.2 where PyTorch is off by 2e-6)."""
-    xhat = ((x - shift[:, None]) - mean_rel[:, None]) * rstd[:, None]
-    return tl.where(valid[:, None], xhat, 0.0)
+
+@triton.jit
+def normalize_tile(x, k, r, c):
+    """xhat = (x - k) r + c = (x - mu) r for a (BLOCK_N, BLOCK_D) tile, with the per-token
+    (k, r, c) of `token_normalizers`: one subtraction and one fused multiply-add per element.
+
+    x - k comes first and is exact (Sterbenz) when x sits near k; the rest, -(mu - k) r, is of
+    the size of xhat (k lies within a few standard deviations of mu), and the FMA rounds the
+    sum once. Subtracting an fp32 mu = k + (mu - k) instead would carry mu's rounding, half an
+    ulp of |mu|, into every xhat, times r (mean 1e4, std 1e-2 in fp32: 5e-4 * 100 = 0.05 in
+    xhat; this made y and the gradients disagree with the scores, e.g. dbias off by 0.2 where
+    PyTorch is off by 2e-6). Rounding (x - k) r to the dot dtype and removing -(mu - k) r
+    after the dot costs as many instructions but rounds the operand at the scale of |x - k| r,
+    up to sqrt(D / 16) times |xhat| when a token's spread sits in its first features (massive
+    activations in a few channels). In the tests that case's y error stayed below y's own
+    rounding (tests/test_extreme_inputs.py::test_spread_in_the_first_features), but the
+    operand here is the more accurate one at no extra cost."""
+    return (x - k[:, None]) * r[:, None] + c[:, None]
 
 
 @triton.jit

@@ -4,8 +4,7 @@ One program owns a range of tokens of one batch element (the whole axis unless t
 small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N tokens it
   1. sweeps D once (`common.token_block_scores`): LayerNorm statistics and base-2 scores s2;
   2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
-  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat, with xhat formed
-     as (x - k) r and its remaining term -(mu - k) r applied once per query row (see the kernel).
+  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat.
 Before the token loop it reduces c_s = sum_d op(W g) (`common.operand_row_sums`), which the
 scores need and does not depend on the tokens. Sweep 2 re-reads the BLOCK_N x D slab that sweep 1 just brought on chip, so x comes from DRAM
 once. The accumulator acc (M x D fp32) is too big for registers at ViT widths, so between token
@@ -39,8 +38,9 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, operand_row_sums,
-                     softmax_normalizers, to_output, token_block, token_block_scores, token_range)
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
+                     operand_row_sums, softmax_normalizers, to_output, token_block,
+                     token_block_scores, token_normalizers, token_range)
 
 
 @triton.jit
@@ -115,30 +115,20 @@ def _forward_kernel(
         m_i = m_new
         p_op = as_operand(p, DOT_DTYPE, EMULATE_BF16)
 
-        # Sweep 2 multiplies p by the shifted, scaled tokens (x - k) r and removes the rest of
-        # xhat = (x - k) r - (mu - k) r once per row instead of once per element:
-        #     sum_n op(p) xhat = sum_n op(p) op((x - k) r) - corr,  corr = sum_n op(p) (mu - k) r
-        # (exact but for the operand's rounding, which is that of xhat: k sits within about a
-        # standard deviation of mu, so (x - k) r is of the size of xhat). x - k stays the
-        # exact first step, as in `normalize_tile`. Tokens that are masked out (or beyond the
-        # block) load as 0 and get k = r = 0, so their operand is exactly 0 whatever their
-        # data (NaN included), with no select per element; columns beyond D are never stored.
-        k_v = tl.where(valid, shift, 0.0)
-        r_v = tl.where(valid, rstd, 0.0)
-        corr = tl.sum(p_op.to(ACC) * tl.where(valid, mean_rel * rstd, 0.0)[None, :], axis=1)
-
+        k_v, r_v, c_v = token_normalizers(shift, mean_rel, rstd, valid)
         not_first = n0 > n_start
         last = n0 + BLOCK_N >= n_end
         inv_l, has_tokens, _ = softmax_normalizers(m_i, l_i)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             md_in = m_in[:, None] & (cols < D)[None, :]
+            # Masked tokens are not read: their operand is 0 whatever their data.
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, valid, cols, D, EVEN_D, ACC)
-            xs = as_operand((x - k_v[:, None]) * r_v[:, None], DOT_DTYPE, EMULATE_BF16)
+            xhat = as_operand(normalize_tile(x, k_v, r_v, c_v), DOT_DTYPE, EMULATE_BF16)
             # The first block of a program starts from acc = 0: the masked load reads nothing.
             acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
             acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0)
-            acc = mma(p_op, xs, acc * alpha[:, None] - corr[:, None], INPUT_PRECISION, ACC)
+            acc = mma(p_op, xhat, acc * alpha[:, None], INPUT_PRECISION, ACC)
             if FINALIZE:
                 if last:
                     g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)

@@ -337,3 +337,19 @@ def test_backward_tile_need_not_match_forward_tile(dtype):
     for bwd in (Config(16, 32, 16, 1, 4, 1), Config(16, 16, 32, 2, 4, 1)):
         grads = patch_merger_backward(dy, x, q, g, b, y, lse, stats, qsum, 10.0, config=bwd)
         assert all(torch.isfinite(t).all() for t in grads), bwd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_spread_in_the_first_features(dtype):
+    """Massive activations: a few channels carry values far larger than the rest, here the
+    first 16, the ones the per-token shift k averages, so k sits about four standard deviations
+    from the token mean and the score sweep's operand x - k is rounded at that scale. Forward,
+    weights and every gradient must still follow the rule."""
+    gen = make_gen(11)
+    n, d, m = 40, 256, 4
+    x = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+    x[..., :16] += 60.0
+    x = x.to(dtype)
+    _, q, g, b = make((2,), n, d, m, dtype, gen=gen)
+    dy = torch.randn(2, m, d, generator=gen).to(dtype)
+    check_op(x, q, g, b, dy=dy, return_weights=True)
