@@ -62,7 +62,7 @@ def _delta_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
     lse = tl.load(lse_ptr + pid_b * M + offs_m, mask=m_in & NEED_DB, other=float("-inf"))
-    live = tl.where(lse == float("-inf"), 0.0, 1.0 + 0.0 * lse)
+    live = tl.where(lse == float("-inf"), 0.0, tl.where(lse == lse, 1.0, lse))
     delta = tl.zeros((BLOCK_M,), ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
