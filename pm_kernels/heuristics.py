@@ -113,7 +113,7 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # sm_90 and reads ptxas's register and spill counts. The numbers in the tables are registers per
 # thread, worst case over the audit's specialisations (N, M divisible by 16 or not, M = 1, split
 # or not) and argument variants (affine / fp32 parameters / mask / no affine), "sm_80 / sm_90",
-# Triton 3.6 + ptxas 12.8 (audit of 2026-11-25). The kernels are memory-bound; the rules, in
+# Triton 3.6 + ptxas 12.8 (audit of 2026-12-01). The kernels are memory-bound; the rules, in
 # order of priority:
 #   1. No register spills. Spill traffic goes to local memory on top of the DRAM stream the
 #      kernel is bound by. ptxas picks its own register budget (Triton sets no maxnreg) and aims
@@ -143,10 +143,11 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
 # below). The backward holds many more live tiles than the forward (see backward.py).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
-# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90 (the BLOCK_M = 32 / 128
-# forward and the BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to
-# save statistics). fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
-# (272-324 B) and 4 B in some BLOCK_M = 16 / 32 variants -- large M is better run in bf16.
+# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90 (one exception, not at a paper
+# M: M = 1 in the BLOCK_M = 16 forward, 8 B on sm_90). The BLOCK_M = 32 / 128 forward and the
+# BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to save
+# statistics. fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
+# (336-340 B) and 4-8 B in some BLOCK_M = 16 / 32 variants -- large M is better run in bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -166,19 +167,19 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
-    # BLOCK_M = 16 serves the paper's M = 8 and 16 (172 registers: the masked one, see above).
-    16: ((128, 32, 8, 2), (32, 32, 4, 1)),     # 128-172 / 104-128 | 147-164 / 128-168
-    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 107-128 | 154-168 / 152-168
-    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 116-134 | 212-226 / 204-223
-    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-154 / 105-136 | 106-128 / 106-128
-    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 114-128 / 96-121 | 186-255 / 173-255
+    # BLOCK_M = 16 serves the paper's M = 8 and 16 (M = 1 spills 8 B on sm_90: not a paper M).
+    16: ((128, 32, 8, 2), (32, 32, 4, 1)),    # 101-128 / 128 | 128-164 / 127-162
+    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 99-128 / 124-128 | 158-166 / 155-166
+    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 104-132 | 216-226 / 210-221
+    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-128 / 106-128 | 110-128 / 106-128
+    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-119 | 184-214 / 171-193
 }
 _BACKWARD_TILES = {
-    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 126-242 / 126-226 | 64-78 / 64-102
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-246 / 160-240 | 164-168 / 128-168
-    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 202-230 / 178-220 | 219-255 / 208-228
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 236-255 / 200-229 | 218-235 / 207-222
-    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 196-248 / 166-214 | 255, spills 324 / 324 B
+    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 128-238 / 118-218 | 64-80 / 64-103, 4 / 8 B
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-250 / 159-244 | 168, 4 B / 128-168
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 206-238 / 178-225 | 221-255 / 211-230
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 246-255 / 204-241 | 218-239 / 208-226
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 201-250 / 172-216 | 255, spills 340 / 336 B
 }
 
 
