@@ -167,9 +167,9 @@ def load_vec(ptr, offs, n, HAS: tl.constexpr, DEFAULT: tl.constexpr, ACC: tl.con
 def token_normalizers(shift, mean_rel, rstd, valid):
     """Per-token (k, r, c) for `normalize_tile`, from the shift k, mean_rel = mu - k and rstd
     r of `token_block_scores`: c = -(mu - k) r. All three are 0 for tokens that are masked or out
-    of range; their x is loaded as 0 (load mask `valid`), so their xhat is exactly 0 and
-    garbage (even inf/NaN) in a padded token never reaches p * xhat, without a select per
-    element."""
+    of range. The forward loads x with the mask `valid`, so their x is 0, their xhat exactly 0,
+    and garbage (even inf/NaN) in a padded token never reaches p * xhat, without a select per
+    element. (The backward reads them and selects: that compiled shorter there.)"""
     return (tl.where(valid, shift, 0.0), tl.where(valid, rstd, 0.0),
             tl.where(valid, -mean_rel * rstd, 0.0))
 

@@ -6,11 +6,11 @@ small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N token
   2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
   3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat.
 Before the token loop it reduces c_s = sum_d op(W g) (`common.operand_row_sums`), which the
-scores need and does not depend on the tokens. Sweep 2 re-reads the BLOCK_N x D slab that sweep 1 just brought on chip, so x comes from DRAM
-once. The accumulator acc (M x D fp32) is too big for registers at ViT widths, so between token
-blocks it lives in a per-program fp32 scratch row (L2-resident); when a program sees a single
-token block (N <= BLOCK_N, e.g. ViT-B/16's 197 tokens) no scratch is touched at all, and the
-last block writes y directly. y = g * acc / l + b, because sum_n p = 1.
+scores need and does not depend on the tokens. Sweep 2 re-reads the BLOCK_N x D slab that sweep
+1 just brought on chip, so x comes from DRAM once. The accumulator acc (M x D fp32) is too big
+for registers at ViT widths, so between token blocks it lives in a per-program fp32 scratch row
+(L2-resident); when a program sees a single token block (N <= BLOCK_N) no scratch is touched at
+all, and the last block writes y directly. y = g * acc / l + b, because sum_n p = 1.
 
 With split > 1, programs write their unnormalised (acc, m, l) partials and `_combine_kernel`
 merges them, rescaling each by exp2(m_s - max_s m_s).
