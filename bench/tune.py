@@ -102,47 +102,57 @@ def main(argv=None) -> int:
         scale = d ** -0.5
         y, lse, stats, qsum, _ = patch_merger_forward(x, q, w, bias, EPS, scale, save_stats=True)
         if kernel == "forward":
-            fn = lambda cfg: patch_merger_forward(x, q, w, bias, EPS, scale, config=cfg)[0]  # noqa
+            fn = lambda cfg, raw=True: patch_merger_forward(  # noqa: E731
+                x, q, w, bias, EPS, scale, config=cfg, raw_pv=raw)[0]
             ideal = roofline.forward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.forward_config(b, n, d, m, dtype, dev)
             tiles = FORWARD_TILES
         else:
             # Every gradient is checked: the split factor changes the partial rows behind
             # dqueries / dweight / dbias more than dx.
-            fn = lambda cfg: torch.cat([g.flatten().float() for g in patch_merger_backward(  # noqa
-                dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)])
+            fn = lambda cfg, raw=True: torch.cat([g.flatten().float() for g in  # noqa: E731
+                patch_merger_backward(dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)])
             ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.backward_config(b, n, d, m, dtype, dev)
             tiles = BACKWARD_TILES
         expected = fn(default).float()
         bm = heuristics.block_m(m)
-        cands = [default] + [Config(bm, bn, bd, s, nw, st) for bn, bd, nw, st in tiles
-                             for s in _splits(b, n, bn, sms)]
+        # (config, raw_pv). The forward's heuristic tile is also timed with the shifted form of
+        # sweep 2 everywhere (raw_pv=False), the A/B of the raw form (forward.py, bf16 only).
+        # 8-warp forward candidates get the register cap of the heuristic's 8-warp tile, so
+        # that two programs stay resident per SM.
+        cap = default.maxnreg if kernel == "forward" else None
+        cands = [(default, True)]
+        if kernel == "forward" and dtype == torch.bfloat16:
+            cands.append((default, False))
+        cands += [(Config(bm, bn, bd, s, nw, st, cap if nw == 8 else None), True)
+                  for bn, bd, nw, st in tiles for s in _splits(b, n, bn, sms)]
         rows = []
         print(f"\n== {shape} {kernel} B={b} N={n} D={d} M={m} {a.dtype} "
               f"(heuristic: {default})", flush=True)
-        for cfg in dict.fromkeys(cands):
+        for cfg, raw in dict.fromkeys(cands):
             if time.time() > deadline:
                 print(f"  budget spent; {len(cands) - len(rows)} candidates not tried")
                 break
-            row = dict(shape=shape, kernel=kernel, config=str(cfg),
-                       heuristic=cfg == default)
+            label = str(cfg) + ("" if raw else " shifted-pv")
+            row = dict(shape=shape, kernel=kernel, config=label,
+                       heuristic=cfg == default and raw)
             try:
                 # Relative to the largest value: the weight gradients sum over B x N tokens and
                 # are rounded to bf16, so their absolute differences between split orders are
                 # ulps of large numbers. A wrong configuration is off by O(1) of the values.
-                err = float((fn(cfg).float() - expected).abs().max() / expected.abs().max())
+                err = float((fn(cfg, raw).float() - expected).abs().max() / expected.abs().max())
                 row["max_rel_diff_vs_heuristic"] = err
                 if not err < 1e-2:
                     raise RuntimeError(f"output differs from the heuristic's by {err:.2g} "
                                        "(relative to the largest value)")
-                ms = triton.testing.do_bench(lambda: fn(cfg), warmup=10, rep=40)
+                ms = triton.testing.do_bench(lambda: fn(cfg, raw), warmup=10, rep=40)
                 row.update(ms=ms, gbps=ideal / ms / 1e6, pct_copy=100 * ideal / ms / 1e6 / copy_gbs)
-                print(f"  {ms:8.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%  {cfg}",
+                print(f"  {ms:8.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%  {label}",
                       flush=True)
             except Exception as e:  # compile failure (resources), wrong output: report, go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                print(f"  ERROR {row['error']}  {cfg}", flush=True)
+                print(f"  ERROR {row['error']}  {label}", flush=True)
             rows.append(row)
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         print(f"-- {shape} {kernel} fastest:")

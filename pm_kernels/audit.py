@@ -303,6 +303,8 @@ def _describe(kernel, signature, constexprs, options):
     if "BLOCK_D" in cx:
         parts.append(f"D{cx['BLOCK_D']}")
     parts.append(f"w{options['num_warps']}s{options['num_stages']}")
+    if options.get("maxnreg"):
+        parts.append(f"r{options['maxnreg']}")
     if cx.get("FINALIZE") is False:
         parts.append("split")
     if "INPUT_PRECISION" in cx and cx["INPUT_PRECISION"] != "ieee":

@@ -308,7 +308,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
         NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     # Deterministic final reductions over the P partial rows (fixed order, no atomics).
     dq = None

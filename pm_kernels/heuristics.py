@@ -37,6 +37,7 @@ class Config:
     split: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None    # ptxas register cap per thread (None: ptxas chooses)
 
 
 # Read once, from Triton's own setting (TRITON_INTERPRET, parsed as Triton parses it, or
@@ -116,11 +117,14 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # Triton 3.6 + ptxas 12.8 (audit of 2026-12-01). The kernels are memory-bound; the rules, in
 # order of priority:
 #   1. No register spills. Spill traffic goes to local memory on top of the DRAM stream the
-#      kernel is bound by. ptxas picks its own register budget (Triton sets no maxnreg) and aims
-#      at an occupancy step -- 168 or 128 registers for 4 warps (3 or 4 blocks per SM), 128 or
-#      80 for 8 warps -- spilling a few bytes to get there if it must. That is why neighbouring
-#      configurations flip between 0 and 4-32 spilled bytes, and why the CI test
-#      (tests/test_audit.py) re-checks these tables with whatever Triton is installed.
+#      kernel is bound by. ptxas picks its own register budget (unless the tile sets maxnreg,
+#      the fifth entry of a table row) and aims at an occupancy step -- 168 or 128 registers
+#      for 4 warps (3 or 4 blocks per SM), 128 or 80 for 8 warps -- spilling a few bytes to get
+#      there if it must. That is why neighbouring configurations flip between 0 and 4-32
+#      spilled bytes, and why the CI test (tests/test_audit.py) re-checks these tables with
+#      whatever Triton is installed. It may also settle above a step: the 16-bit forward with
+#      the raw form of sweep 2 (forward.py) compiled to 171-181 registers for 8 warps, one
+#      program per SM, where a cap of 128 costs no spill and 2-4 instructions per D step.
 #   2. Every program of the paper's grid resident at once. With B = 256 and split 1 there are
 #      256 programs: 1.94 per SM on an H100 (132 SMs), 2.37 on an A100 (108). That needs 2
 #      resident programs per SM on H100 and 3 on A100: <= 128 registers with 8 warps (2 per SM),
@@ -168,7 +172,7 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (M = 1 spills 8 B on sm_90: not a paper M).
-    16: ((128, 32, 8, 2), (32, 32, 4, 1)),    # 101-128 / 128 | 128-164 / 127-162
+    16: ((128, 32, 8, 2, 128), (32, 32, 4, 1)),   # 101-128 / 128 | 128-164 / 127-162
     32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 99-128 / 124-128 | 158-166 / 155-166
     64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 104-132 | 216-226 / 210-221
     128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-128 / 106-128 | 110-128 / 106-128
@@ -224,13 +228,14 @@ def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
         bd = _block_d(d, elem, 64)
         return Config(bm, bn, bd, split_rule(backward, b, n, m, bm, bn, elem, num_sms(device)),
                       4, 1)
-    bn, bd_cap, warps, stages = _gpu_tiles(table, bm, elem)
+    bn, bd_cap, warps, stages, *cap = _gpu_tiles(table, bm, elem)
     if elem == 8:
         # fp64 (gradcheck, references) multiplies in registers (`common.mma`), whose
         # BLOCK_M x BLOCK_N x BLOCK_D product tile must stay small.
-        bn, bd_cap, warps, stages = 16, 16, 4, 1
+        bn, bd_cap, warps, stages, cap = 16, 16, 4, 1, ()
     split = split_rule(backward, b, n, m, bm, bn, elem, num_sms(device))
-    return Config(bm, bn, _block_d(d, elem, bd_cap), split, warps, stages)
+    return Config(bm, bn, _block_d(d, elem, bd_cap), split, warps, stages,
+                  cap[0] if cap else None)
 
 
 def split_rule(backward: bool, b: int, n: int, m: int, bm: int, bn: int, elem_bytes: int,

@@ -6,6 +6,10 @@
 #
 #   bash scripts/gpu_session.sh [tests] [selfcheck] [audit] [bench] [compile]   (default: all)
 #
+# The stages run in the order given, each under its own time limit, and all of them within
+# PM_GPU_BUDGET_S seconds (default 540: one device call may run 600 s, and the packing up at the
+# end needs a few): a stage gets at most what is left of the budget, and is skipped, saying so,
+# when under 30 s are left. Put the stages that matter most first.
 #   tests      pytest, every marker, 14 workers, junit XML       (PM_GPU_TEST_TIMEOUT, 300 s)
 #   selfcheck  python -m pm_kernels
 #   audit      python -m pm_kernels.audit --quick (compile-only, as in CI)
@@ -24,6 +28,29 @@ PY=${PY:-python3}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests selfcheck audit bench compile)
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+BUDGET=${PM_GPU_BUDGET_S:-540}
+# limit NAME SECONDS: the stage's time limit, cut to the budget left (20 s kept for packing up);
+# prints nothing and fails when under 30 s would be left.
+limit() {
+  local l=$(( BUDGET - SECONDS - 20 ))
+  (( l > $2 )) && l=$2
+  if (( l < 30 )); then echo "== $1: skipped, ${l}s of the ${BUDGET}s budget left" >&2; return 1; fi
+  echo "$l"
+}
+# in_group SECONDS CMD...: CMD in a process group of its own, killed as a group when it ends
+# or at the limit (pytest-xdist workers outlive a plain `timeout` of pytest and would share the
+# GPU with the benchmark that follows). Returns CMD's status, 124 at the limit.
+in_group() {
+  local secs=$1; shift
+  setsid "$@" &
+  local pid=$!
+  ( sleep "$secs"; kill -TERM -- -"$pid" 2>/dev/null; sleep 5; kill -KILL -- -"$pid" 2>/dev/null ) &
+  local dog=$!
+  wait "$pid"; local rc=$?
+  kill "$dog" 2>/dev/null; kill -KILL -- -"$pid" 2>/dev/null
+  (( rc == 143 || rc == 137 )) && rc=124
+  return $rc
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -37,38 +64,41 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } 2>&1 | tee "$LOGS/env.txt"
 
-if has tests; then
-  # -v: xdist prints each result as it lands, so a run cut short by the timeout still says
+if has tests && lim=$(limit tests "${PM_GPU_TEST_TIMEOUT:-300}"); then
+  # -v: xdist prints each result as it lands, so a run cut short by the limit still says
   # what failed (tracebacks come at the end).
-  timeout "${PM_GPU_TEST_TIMEOUT:-300}" $PY -m pytest -m "timm or not timm" -n 14 -v \
+  in_group "$lim" $PY -m pytest -m "timm or not timm" -n 14 -v \
       --tb=short --durations=15 --junitxml="$OUT/junit.xml" > "$LOGS/tests.log" 2>&1
-  # `timeout` stops pytest but not its xdist workers: left running, they would share the GPU
-  # with the benchmark below.
-  pkill -9 -f "exec\(eval\(sys.stdin" 2>/dev/null; pkill -9 -f "pytest" 2>/dev/null; sleep 1
+  echo "tests exit $? (limit ${lim}s)"
   grep -E "FAILED|ERROR" "$LOGS/tests.log" | grep -v "^E " | sort -u | head -30
   grep -E "^(=+ .*(passed|failed)|[0-9.]+s (call|setup))" "$LOGS/tests.log" | head -20
 fi
-if has selfcheck; then
-  $PY -m pm_kernels 2>&1 | tee "$LOGS/selfcheck.log" | tail -25
+if has selfcheck && lim=$(limit selfcheck 120); then
+  timeout "$lim" $PY -m pm_kernels 2>&1 | tee "$LOGS/selfcheck.log" | tail -25
 fi
-if has audit; then   # CPU-only, but not beside the benchmark: it would steal its launch threads
-  timeout 300 $PY -m pm_kernels.audit --quick --json "$LOGS/audit.json" > "$LOGS/audit.log" 2>&1
+if has audit && lim=$(limit audit 300); then   # CPU-only, but not beside the benchmark: it would steal its launch threads
+  timeout "$lim" $PY -m pm_kernels.audit --quick --json "$LOGS/audit.json" > "$LOGS/audit.log" 2>&1
   echo "audit exit $?"; tail -3 "$LOGS/audit.log"
 fi
-if has bench; then
+if has bench && lim=$(limit bench "${PM_GPU_BENCH_TIMEOUT:-150}"); then
   # In two parts (the paper and high-resolution cases first), each merged into the results.
-  timeout "${PM_GPU_BENCH_TIMEOUT:-150}" $PY -m bench --append --providers pm_kernels eager sdpa \
+  timeout "$lim" $PY -m bench --append --providers pm_kernels eager sdpa \
       --groups paper highres ${PM_GPU_BENCH_ARGS:-} > "$LOGS/bench.log" 2>&1
-  timeout "${PM_GPU_BENCH_TIMEOUT:-150}" $PY -m bench --append --providers pm_kernels eager sdpa \
-      --groups sweep-N sweep-D sweep-M ${PM_GPU_BENCH_ARGS:-} > "$LOGS/bench_sweeps.log" 2>&1
+  echo "bench exit $? (limit ${lim}s)"
   grep -A60 "^targets" "$LOGS/bench.log" | head -40
+  if lim=$(limit bench-sweeps "${PM_GPU_BENCH_TIMEOUT:-150}"); then
+    timeout "$lim" $PY -m bench --append --providers pm_kernels eager sdpa \
+        --groups sweep-N sweep-D sweep-M ${PM_GPU_BENCH_ARGS:-} > "$LOGS/bench_sweeps.log" 2>&1
+    echo "bench sweeps exit $? (limit ${lim}s)"
+  fi
 fi
-if has tune; then
-  timeout 420 $PY -m bench.tune --json "$LOGS/tune.json" ${PM_GPU_TUNE_ARGS:-} 2>&1 \
-      | tee "$LOGS/tune.log" | grep -E "^(==|--|   |.*ERROR)" | tail -60
+if has tune && lim=$(limit tune 420); then
+  # bench.tune's own budget ends it in time; the limit is the backstop.
+  timeout "$lim" $PY -m bench.tune --budget $(( lim - 30 )) --json "$LOGS/tune.json" \
+      ${PM_GPU_TUNE_ARGS:-} 2>&1 | tee "$LOGS/tune.log" | grep -E "^(==|--|   |.*ERROR)" | tail -60
 fi
-if has compile; then
-  timeout "${PM_GPU_COMPILE_TIMEOUT:-420}" $PY -m bench --append --providers compile \
+if has compile && lim=$(limit compile "${PM_GPU_COMPILE_TIMEOUT:-420}"); then
+  timeout "$lim" $PY -m bench --append --providers compile \
       --cases ${PM_GPU_COMPILE_CASES:-ViT-B/16 ViT-L/16 ViT-H/14 ViT-g/14} 2>&1 \
       | tee "$LOGS/compile.log" | grep -v "^  " | tail -40
 fi

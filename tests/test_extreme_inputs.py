@@ -142,6 +142,41 @@ def test_large_mean_small_std(dtype, mean, std):
         assert_close_to_ref(name + " vs centred", gr, gc.grad, gt.grad)
 
 
+RAW_FORM = [(0.0, True), (12.0, True), (1e3, False)]
+
+
+@pytest.mark.parametrize("offset,raw", RAW_FORM, ids=["centred", "offset12-raw", "offset1e3-shifted"])
+def test_bf16_raw_form_of_the_merge(offset, raw):
+    """bf16 sweep 2 of the forward takes x as it is, y = (q @ x + sum_n (p c - q k)) / l with
+    q = op(p r), in a token block whose tokens all have |k| r <= RAW_KR_LIMIT = 16, and the
+    shifted form (p @ op(xhat)) otherwise (forward.py). Std 1 here, so |k| r is about the
+    offset: 0 and 12 take the raw form (12: close to the limit, where its fp32 terms are
+    largest), 1e3 the shifted one. The dispatch is checked against `raw_pv=False` (the shifted
+    form everywhere): bitwise equal where the raw form must not run, different in the last bits
+    where it must. Both forms must meet the rule against the float64 truth, on the offset data
+    and (the sharp baseline, as in test_large_mean_small_std) on PyTorch's centred data."""
+    from pm_kernels.forward import patch_merger_forward
+
+    dt = torch.bfloat16
+    gen = make_gen(5)
+    n, d, m = 40, 100, 6
+    x = (offset + torch.randn(2, n, d, generator=gen, dtype=torch.float64)).to(dt)
+    _, q, g, b = make((2,), n, d, m, dt, gen=gen)
+    scale = d ** -0.5
+    y_raw = patch_merger_forward(x, q, g, b, 1e-5, scale).y
+    y_shifted = patch_merger_forward(x, q, g, b, 1e-5, scale, raw_pv=False).y
+    assert torch.equal(y_raw, y_shifted) != raw
+
+    y_t = reference.patch_merger(*(t.double() for t in (x, q, g, b)))
+    base = reference.patch_merger(x, q, g, b)
+    centred = x - torch.tensor(offset, dtype=dt)
+    assert torch.equal(centred.double(), x.double() - offset)          # the shift is exact
+    base_c = reference.patch_merger(centred, q, g, b)
+    for name, y in (("raw", y_raw), ("shifted", y_shifted)):
+        assert_close_to_ref(f"y {name}", y, base, y_t)
+        assert_close_to_ref(f"y {name} vs centred", y, base_c, y_t)
+
+
 # =============================================================================================
 # Scores that overflow exp()
 # =============================================================================================
