@@ -36,21 +36,27 @@ SHAPES = {  # name: (B, N, D, M)
 }
 EPS = 1e-5
 
-# (BLOCK_N, BLOCK_D, num_warps, num_stages) candidates, 16-bit inputs, M <= 16.
-# The 256-token tiles hold a whole ViT-B/L/H token axis in one block (no scratch round trip
-# of the M x D accumulator); never timed. Audit of 2026-12-01: 256 x 16 spills 4-12 B on sm_80,
-# 256 x 32 is spill-free but needs 178-191 registers (one 8-warp program per SM).
+# (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) candidates, 16-bit inputs, M <= 16, in
+# the order they are tried (the budget may stop the sweep). First the neighbours of the heuristic's
+# 128 x 32 / 3 stages: 2 and 4 stages (more of x in flight per program; spill-free under the
+# 128-register cap, audit of 2026-12-01), the 64 x 64 tile of the measured runs, and the
+# 256-token tiles, which hold a whole ViT-B/L/H token axis in one block (no scratch round trip
+# of the M x D accumulator; never timed; uncapped: 256 x 16 spilled 4-12 B on sm_80 and
+# 256 x 32 took 178-191 registers, one program per SM). (128, 32, 8, 3) without the cap is the
+# tile measured fastest on ViT-B in the H100 run of 2026-11-25.
 FORWARD_TILES = [
-    (64, 64, 8, 2), (256, 16, 8, 2), (256, 32, 8, 2), (128, 32, 8, 2),
+    (128, 32, 8, 2, 128), (128, 32, 8, 4, 128), (64, 64, 8, 2), (256, 16, 8, 2), (256, 32, 8, 2),
     (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
     (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3),
     (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (16, 128, 4, 3), (16, 256, 4, 2),
     (32, 256, 8, 2),
 ]
+# Backward: first the heuristic's 32 x 64 tile without its 168-register cap (two programs per
+# SM instead of three), and 64 x 32, the table's tile until 2026-12-01, capped and not.
 BACKWARD_TILES = [
-    (32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 8, 2),
-    (64, 32, 4, 1), (64, 64, 8, 1), (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2),
-    (32, 128, 8, 2), (16, 64, 4, 3),
+    (32, 64, 4, 1), (64, 32, 4, 1, 168), (64, 32, 4, 1),
+    (32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 1),
+    (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 3),
 ]
 
 
@@ -119,14 +125,11 @@ def main(argv=None) -> int:
         bm = heuristics.block_m(m)
         # (config, raw_pv). The forward's heuristic tile is also timed with the shifted form of
         # sweep 2 everywhere (raw_pv=False), the A/B of the raw form (forward.py, bf16 only).
-        # 8-warp forward candidates get the register cap of the heuristic's 8-warp tile, so
-        # that two programs stay resident per SM.
-        cap = default.maxnreg if kernel == "forward" else None
         cands = [(default, True)]
         if kernel == "forward" and dtype == torch.bfloat16:
             cands.append((default, False))
-        cands += [(Config(bm, bn, bd, s, nw, st, cap if nw == 8 else None), True)
-                  for bn, bd, nw, st in tiles for s in _splits(b, n, bn, sms)]
+        cands += [(Config(bm, bn, bd, s, nw, st, *cap), True)
+                  for bn, bd, nw, st, *cap in tiles for s in _splits(b, n, bn, sms)]
         rows = []
         print(f"\n== {shape} {kernel} B={b} N={n} D={d} M={m} {a.dtype} "
               f"(heuristic: {default})", flush=True)

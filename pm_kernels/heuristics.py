@@ -136,16 +136,24 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
 #      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
-# Forward, M <= 16: 128 x 32 tiles on 8 warps, 2-stage pipeline: 8 KB of x per step, 2 programs
-# per SM, and half the token blocks of a 64-token tile (ViT-B/16's 196 tokens: 2 blocks, so one
-# round trip of the accumulator scratch instead of three). The 128-token tiles were the fastest
-# measured on all three tuned shapes (below); this one is the spill-free member of the family
-# (128 x 32 with 3 stages spills 4 B on sm_90, 128 x 64 needs one program per SM), and its two
-# sweeps issue 159 + 181 SASS instructions per 8 KB step where 64 x 64 issues 180 + 176 (ViT-B,
-# bf16, sm_90). It replaced 64 x 64 / 8 warps / 2 stages (0.157 ms measured on ViT-B) without a
-# GPU at hand: 2026-12-01, unmeasured.
-# Backward, M <= 16: 64 x 32 on 4 warps, not pipelined, one program per token block (measured,
-# below). The backward holds many more live tiles than the forward (see backward.py).
+# Forward, M <= 16: 128 x 32 tiles on 8 warps, 3-stage pipeline, registers capped at 128:
+# 8 KB of x per step with two steps in flight, 2 programs per SM, and half the token blocks of a
+# 64-token tile (ViT-B/16's 196 tokens: 2 blocks, so one round trip of the accumulator scratch
+# instead of three). This tile was the fastest measured on ViT-B/16 (below: 0.121 ms against
+# 0.157 for the 64 x 64 / 2-stage tile then in the table) but spilled 4 B on sm_90 then; under
+# the cap it is spill-free at 128 registers. The cap also keeps the bf16 raw form of sweep 2
+# (forward.py) at 2 programs per SM. SASS per warp and 8 KB step at ViT-B/16, bf16, sm_90:
+# score sweep 175, sweep 2 120 in the raw form (189 shifted). Not timed since (2026-12-01).
+# Backward, M <= 16: 32 x 64 on 4 warps, not pipelined, one program per token block, registers
+# capped at 168. The tile and the split are the fastest measured (below: 0.345 ms on ViT-B/16
+# and 0.672 on ViT-H/14, against 0.458 / 0.787 for 64 x 32, which the table held until
+# 2026-12-01 because 32 x 64 spilled 4 B on sm_90 with fp32 parameters then; it no longer does,
+# and its dx sweep issues 418-430 SASS instructions per step where 64 x 32 issues 473-485, ViT-B and
+# ViT-H bf16 on sm_90). The backward holds many more live tiles than the forward (see
+# backward.py): uncapped, ptxas gave it 209-238 registers, 2 programs per SM; at 168 three fit,
+# 12 warps instead of 8 to hide the latency the tuning runs found binding, spill-free in every
+# audited variant for 0-12 more instructions per dx-sweep step (128 would spill 40-72 B). The
+# cap is not timed (2026-12-01).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
 # tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90 (one exception, not at a paper
 # M: M = 1 in the BLOCK_M = 16 forward, 8 B on sm_90). The BLOCK_M = 32 / 128 forward and the
@@ -163,23 +171,23 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # their extra partial rows cost. Among the spill-free tiles, 64 x 32 on 4 warps was the fastest
 # (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
 # 0.543). 32 x 64 was faster still (0.345 / 0.672) but spilled 4 B on sm_90 with fp32
-# parameters (the autocast case). Forward: 128 x 32 on 8 warps, 3 stages, measured 0.121 ms on
-# ViT-B vs 0.157 for the 64 x 64 then in the table, but spills 4 B on sm_90; 128 x 64, 8 warps,
-# 3 stages was the fastest on ViT-H (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128 vs
-# 0.192), but takes one program per SM (two waves at B=256 on an H100). The 128 x 32 / 2-stage
-# tile now in the table was not among the candidates then. The other tiers are as the audit
-# chose them, not yet measured.
+# parameters (the autocast case) then; it is the table's tile now. Forward: 128 x 32 on 8 warps, 3 stages, measured 0.121 ms on
+# ViT-B vs 0.157 for the 64 x 64 then in the table, but spilled 4 B on sm_90 (without the
+# register cap; now the table's tile); 128 x 64, 8 warps, 3 stages was the fastest on ViT-H
+# (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128 vs 0.192), but takes one program per
+# SM (two waves at B=256 on an H100). The other tiers are as the audit chose them, not yet
+# measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (M = 1 spills 8 B on sm_90: not a paper M).
-    16: ((128, 32, 8, 2, 128), (32, 32, 4, 1)),   # 101-128 / 128 | 128-164 / 127-162
+    16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 101-128 / 128 | 128-164 / 127-162
     32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 99-128 / 124-128 | 158-166 / 155-166
     64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 104-132 | 216-226 / 210-221
     128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-128 / 106-128 | 110-128 / 106-128
     256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-119 | 184-214 / 171-193
 }
 _BACKWARD_TILES = {
-    16: ((64, 32, 4, 1), (16, 16, 8, 1)),     # 128-238 / 118-218 | 64-80 / 64-103, 4 / 8 B
+    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 128-238 / 118-218 | 64-80 / 64-103, 4 / 8 B
     32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-250 / 159-244 | 168, 4 B / 128-168
     64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 206-238 / 178-225 | 221-255 / 211-230
     128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 246-255 / 204-241 | 218-239 / 208-226

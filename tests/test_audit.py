@@ -25,10 +25,12 @@ from pm_kernels.heuristics import Config  # noqa: E402
 # multiple of 16, 256 is), M = 8 / 16 (the paper) and 256 (the largest tile, for shared
 # memory), the split path (B = 1) and the one-program-per-element path (B = 256). All the D of
 # the paper map to the same binaries (D is a runtime argument, divisible by 16 in every case),
-# so listing them costs nothing and documents what is covered.
+# so listing them costs nothing and documents what is covered. Variants: training with the
+# LayerNorm parameters in x's dtype and in fp32 (autocast), inference, and a frozen x (the
+# backward without dx, e.g. the merger behind a frozen backbone).
 SUBSET = ["--arch", "80", "90", "--dtype", "fp16", "bf16",
           "--d", *map(str, audit.PAPER_D), "--n", "196", "256", "--m", "8", "16", "256",
-          "--b", "1", "256", "--variant", "affine", "amp", "inference"]
+          "--b", "1", "256", "--variant", "affine", "amp", "inference", "frozen-x"]
 
 
 @pytest.fixture(scope="module")

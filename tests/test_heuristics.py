@@ -65,3 +65,29 @@ def test_split_rule_is_what_the_gpu_configs_use(b, n, m, monkeypatch):
     if (b, n, m) == (256, 196, 8):
         cfg = heuristics.backward_config(b, n, 768, m, torch.bfloat16, dev)
         assert cfg.split == heuristics.cdiv(n, cfg.block_n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [8, 16])
+def test_paper_forward_tile_keeps_two_programs_per_sm(dtype, m, monkeypatch):
+    """Rule 2 of the tile tables: at B = 256 every program of the paper's grid must be resident
+    at once, 2 per SM on an H100, i.e. registers * threads * 2 <= 64K. ptxas left to itself put
+    the bf16 forward at 171-181 registers for 8 warps (one program per SM), so the tile caps
+    them; a table edit that drops the cap, or raises warps past it, fails here."""
+    monkeypatch.setattr(heuristics, "_INTERPRETING", False)
+    monkeypatch.setattr(heuristics, "num_sms", lambda device: 132)
+    cfg = heuristics.forward_config(256, 196, 768, m, dtype, torch.device("cpu"))
+    assert cfg.maxnreg is not None, cfg
+    assert cfg.maxnreg * cfg.num_warps * 32 * 2 <= 65536, cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [8, 16])
+def test_paper_backward_tile_keeps_three_programs_per_sm(dtype, m, monkeypatch):
+    """The backward's 4-warp tile is capped so that three programs fit per SM (ptxas alone
+    took up to 238 registers: two)."""
+    monkeypatch.setattr(heuristics, "_INTERPRETING", False)
+    monkeypatch.setattr(heuristics, "num_sms", lambda device: 132)
+    cfg = heuristics.backward_config(256, 196, 768, m, dtype, torch.device("cpu"))
+    assert cfg.maxnreg is not None, cfg
+    assert cfg.maxnreg * cfg.num_warps * 32 * 3 <= 65536, cfg
