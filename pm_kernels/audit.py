@@ -92,9 +92,11 @@ DEFAULT_ARCHS = (80, 90, 100, 120)   # sm_100 / sm_120 only where the installed 
 
 DTYPES = ("fp16", "bf16", "fp32")
 # Opt-in: "tf32" is fp32 under torch.set_float32_matmul_precision("medium") (tl.dot in one tf32
-# MMA instead of fp32 FMA, a different binary); fp64 compiles to FMA code and is not a GPU target
-# of this project, but must still compile.
-EXTRA_DTYPES = ("tf32", "fp64")
+# MMA instead of fp32 FMA, a different binary), "tf32x3" fp32 under "high" (three tf32 MMAs on
+# hi/lo operand splits, `heuristics.input_precision`); fp64 compiles to FMA code and is not a GPU
+# target of this project, but must still compile.
+EXTRA_DTYPES = ("tf32", "tf32x3", "fp64")
+_FP32_PRECISION = {"tf32": "medium", "tf32x3": "high"}   # torch's setting for these names
 # The model widths of the ViTs we care about (B/16, L/16, H/14, g/14, 1664 = ViT-G/14 and
 # 4096 as a large-width stress case), token counts from 224 px (196, 256) to high resolution
 # (4096), and the numbers of merged tokens used in practice (M = 8 / 16 in the paper), plus
@@ -140,7 +142,7 @@ class Shape:
 def _torch_dtype(name):
     import torch
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-            "tf32": torch.float32, "fp64": torch.float64}[name]
+            "tf32": torch.float32, "tf32x3": torch.float32, "fp64": torch.float64}[name]
 
 
 @contextlib.contextmanager
@@ -148,7 +150,7 @@ def _matmul_precision(dtype: str):
     """fp32 launches pick tl.dot's input precision from torch's fp32 matmul precision."""
     import torch
     saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium" if dtype == "tf32" else "highest")
+    torch.set_float32_matmul_precision(_FP32_PRECISION.get(dtype, "highest"))
     try:
         yield
     finally:
@@ -723,8 +725,8 @@ def main(argv=None) -> int:
                    help=f"compute capabilities (default {' '.join(map(str, DEFAULT_ARCHS))}; "
                         "those the installed Triton cannot target are skipped)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES + EXTRA_DTYPES,
-                   help=f"input dtypes (default {' '.join(DTYPES)}; tf32 = fp32 under "
-                        "torch.set_float32_matmul_precision('medium'))")
+                   help=f"input dtypes (default {' '.join(DTYPES)}; tf32 / tf32x3 = fp32 under "
+                        "torch.set_float32_matmul_precision('medium' / 'high'))")
     p.add_argument("--variant", nargs="+", choices=VARIANTS,
                    help=f"argument variants (default {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--d", type=int, nargs="+", help="feature widths D")
