@@ -20,7 +20,10 @@ The two row means of the LayerNorm backward come from per-(m, n) quantities of t
 so each token block needs two sweeps over D, as in the forward: the score sweep shared with the
 forward (`common.shifted_dots`: the dots of W g and dy g with the shifted tokens, which with the
 statistics the forward saved give the forward's scores exactly) and one sweep that forms dxn
-tile by tile and writes dx at once.
+tile by tile and writes dx at once. What the score sweep needs of W, g and dy (the rounded dot
+operands op(W g), op(dy g) and the per-query sums over D) does not depend on the tokens: the
+small `_delta_kernel` forms it once per batch element (`_score_operands`), not every token
+block.
 
 Weight gradients are reduced deterministically: each program accumulates its tokens into its own
 fp32 partial row (dW: (P, M, D), dg: (P, D); db: (B, D), from `_delta_kernel`) and `torch.sum`
@@ -37,27 +40,83 @@ import triton.language as tl
 
 from . import heuristics
 from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
-                     operand_row_sums, shifted_dots, to_output, token_block, token_normalizers,
+                     scaled_operand, shifted_dots, to_output, token_block, token_normalizers,
                      token_range, unshift)
 from .forward import kernel_dtypes, split_hi_lo
+
+
+@triton.jit
+def _score_operands(
+    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
+    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
+    dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D)
+    wg_ptr,                             # out (M, D) DOT_DTYPE: op(W g)  [write_wg]
+    dyg_ptr,                            # out (M, D) DOT_DTYPE: op(dy g) of this batch element
+    offs_m, m_in, D,
+    write_wg,                           # this program writes op(W g) (one program does)
+    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
+):
+    """What the token kernel's score sweep needs of the queries and dy, once per batch element
+    (they do not depend on the tokens):
+        op(W g), op(dy g)                    the dot operands (`common.scaled_operand`: the
+                                             very bits the forward's score sweep forms from W)
+        c_dp[m] = sum_d op(dy[m,d] g[d])     undoes the per-token shift in dp (`common.unshift`;
+                                             the forward's c_s is the same sum for W)
+        a[m]    = sum_d dy[m,d] g[d]         the row-mean terms of the module docstring
+        cw[m]   = sum_d W[m,d] g[d]
+    Stored operands spare every token block's score sweep the loads of W, g and dy, their
+    products and their rounding (with fp32 parameters under autocast that was half of the
+    sweep's instructions); the sums were a third of the token kernel's instructions at
+    ViT-B/16, when each program (one per 32-token block) reduced them itself. Columns are
+    summed tile-wise and reduced once, after the loop (see `common.operand_row_sums`)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    c_dp = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
+    a = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
+    cw = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        md_in = m_in[:, None] & (cols < D)[None, :]
+        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
+        w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in, other=0.0)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
+                     mask=md_in, other=0.0)
+        dyg_op = scaled_operand(dy, g, DOT_DTYPE, EMULATE_BF16, ACC)
+        out = offs_m[:, None] * D + cols[None, :]
+        tl.store(dyg_ptr + out, dyg_op.to(dyg_ptr.dtype.element_ty), mask=md_in)
+        if write_wg:
+            wg_op = scaled_operand(w, g, DOT_DTYPE, EMULATE_BF16, ACC)
+            tl.store(wg_ptr + out, wg_op.to(wg_ptr.dtype.element_ty), mask=md_in)
+        c_dp += dyg_op.to(ACC)
+        a += dy.to(ACC) * g[None, :]
+        cw += w.to(ACC) * g[None, :]
+    return tl.sum(c_dp, axis=1), tl.sum(a, axis=1), tl.sum(cw, axis=1)
 
 
 @triton.jit
 def _delta_kernel(
     dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
     y_ptr,                                        # y (B, M, D), contiguous
-    b_ptr,                                        # LayerNorm bias (D,)
+    w_ptr, stride_wm,                             # queries W (M, D), unit stride along D
+    g_ptr, b_ptr,                                 # LayerNorm weight / bias (D,)
     lse_ptr,                                      # (B, M) ACC: the forward's lse2   [NEED_DB]
     delta_ptr,                                    # (B, M) ACC out
     db_part_ptr,                                  # (B, D) ACC out                  [NEED_DB]
+    qs_ptr,                                       # (B, 3, M) ACC out (c_dp, a, cw) [NEED_QSUMS]
+    wg_ptr,                                       # (M, D) DOT_DTYPE out: op(W g)   [NEED_QSUMS]
+    dyg_ptr,                                      # (B, M, D) DOT_DTYPE out: op(dy g) [NEED_QSUMS]
     D, M,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr, NEED_DB: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_QSUMS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d]), and, while dy is at hand, the
-    bias gradient's partial row db_part[b, :] = sum_m live[b,m] dy[b,m,:] (module docstring),
-    live = 1 for a row that saw a token (lse2 > -inf), 0 for one whose tokens were all masked,
-    NaN where lse2 is NaN (a NaN token), so that db is NaN there as in the reference."""
+    """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d]), and, while dy is at hand:
+      * the bias gradient's partial row db_part[b, :] = sum_m live[b,m] dy[b,m,:] (module
+        docstring), live = 1 for a row that saw a token (lse2 > -inf), 0 for one whose tokens
+        were all masked, NaN where lse2 is NaN (a NaN token), so that db is NaN there as in the
+        reference;
+      * the score-sweep operands and per-query sums of the token kernel (`_score_operands`),
+        once per batch element instead of once per token block; program 0 writes op(W g)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
@@ -77,40 +136,15 @@ def _delta_kernel(
             tl.store(db_part_ptr + pid_b * D + cols, tl.sum(dy * live[:, None], axis=0),
                      mask=cols < D)
     tl.store(delta_ptr + pid_b * M + offs_m, delta, mask=m_in)
-
-
-@triton.jit
-def _query_sums(
-    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
-    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
-    dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D)
-    offs_m, m_in, D,
-    BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
-):
-    """The backward's per-query sums over D, once per program (they do not depend on the
-    tokens; reducing them for every token block was a third of the score sweep's instructions):
-        c_dp[m] = sum_d op(dy[m,d] g[d])     op = rounded to DOT_DTYPE, exactly as the dot sees it
-        a[m]    = sum_d dy[m,d] g[d]
-        cw[m]   = sum_d W[m,d] g[d]
-    c_dp undoes the per-token shift in dp (`common.unshift`; the forward's c_s is the same
-    sum for W); a and cw are the row-mean terms of the module docstring."""
-    c_dp = operand_row_sums(dy_ptr, stride_dym, stride_dyd, g_ptr, offs_m, m_in, D, BLOCK_D,
-                            HAS_G, DOT_DTYPE, EMULATE_BF16, ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    a = tl.zeros(offs_m.shape, dtype=ACC)
-    cw = tl.zeros(offs_m.shape, dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        md_in = m_in[:, None] & (cols < D)[None, :]
-        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
-        wg = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in,
-                     other=0.0).to(ACC) * g[None, :]
-        dyg = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyd,
-                      mask=md_in, other=0.0).to(ACC) * g[None, :]
-        a += tl.sum(dyg, axis=1)
-        cw += tl.sum(wg, axis=1)
-    return c_dp, a, cw
+    if NEED_QSUMS:
+        c_dp, a, cw = _score_operands(w_ptr, stride_wm, g_ptr, dy_ptr + pid_b * stride_dyb,
+                                      stride_dym, stride_dyd, wg_ptr, dyg_ptr + pid_b * M * D,
+                                      offs_m, m_in, D, pid_b == 0, BLOCK_D, HAS_G,
+                                      DOT_DTYPE, EMULATE_BF16, ACC)
+        qs_ptr += pid_b * 3 * M + offs_m
+        tl.store(qs_ptr, c_dp, mask=m_in)
+        tl.store(qs_ptr + M, a, mask=m_in)
+        tl.store(qs_ptr + 2 * M, cw, mask=m_in)
 
 
 @triton.jit
@@ -135,6 +169,9 @@ def _backward_kernel(
     g_ptr,                                        # LayerNorm weight (D,)
     dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
     lse_ptr, delta_ptr,                           # (B, M) ACC: forward's lse2, Delta'
+    qs_ptr,                                       # (B, 3, M) ACC: (c_dp, a, cw)  `_score_operands`
+    wg_ptr,                                       # (M, D) DOT_DTYPE: op(W g)     `_score_operands`
+    dyg_ptr,                                      # (B, M, D) DOT_DTYPE: op(dy g) `_score_operands`
     stats_ptr,                                    # (B, 3, N) ACC: forward's (k, mu - k, rstd)
     qsum_ptr,                                     # (M,) ACC: forward's c_s = sum_d op(W g)
     dx_ptr,                                       # (B, N, D) out, x's dtype, contiguous
@@ -170,8 +207,10 @@ def _backward_kernel(
     delta = tl.load(delta_ptr + pid_b * M + offs_m, mask=m_in, other=0.0)
 
     c_s = tl.load(qsum_ptr + offs_m, mask=m_in, other=0.0)
-    c_dp, a, cw = _query_sums(w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
-                              offs_m, m_in, D, BLOCK_D, HAS_G, DOT_DTYPE, EMULATE_BF16, ACC)
+    qs_ptr += pid_b * 3 * M + offs_m
+    c_dp = tl.load(qs_ptr, mask=m_in, other=0.0)
+    a = tl.load(qs_ptr + M, mask=m_in, other=0.0)
+    cw = tl.load(qs_ptr + 2 * M, mask=m_in, other=0.0)
     n_start, n_end = token_range(N, tokens_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
@@ -182,10 +221,11 @@ def _backward_kernel(
         shift = _token_vector(st_ptrs, n_in, offs_d)
         mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
         rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
+        # The operands op(W g) and op(dy g) come ready-made (HAS_G=False: no further scaling).
         acc_s, acc_dp, _s1, _s2 = shifted_dots(
-            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, dy_ptr, stride_dym, stride_dyd,
+            x_ptr, stride_xn, stride_xd, wg_ptr, D, g_ptr, dyg_ptr + pid_b * M * D, D, 1,
             shift, offs_m, m_in, offs_n, n_in, D,
-            BLOCK_D, EVEN_D, HAS_G, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, EVEN_D, False, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
         # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
@@ -276,15 +316,23 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     b = bias.contiguous() if bias is not None else queries
     y = y.contiguous()
 
+    need_tokens = need_dx or need_dq or need_dg      # the token kernel runs
     delta = torch.empty((bsz, m), dtype=acc_torch, device=dev)
     db_part = torch.empty((bsz, d), dtype=acc_torch, device=dev) if need_db else delta
+    qsums = torch.empty((bsz, 3, m), dtype=acc_torch, device=dev) if need_tokens else delta
+    # The score sweep's operands op(W g) and op(dy g), in the dtype the dots take (x's).
+    wg_op = torch.empty((m, d), dtype=x.dtype, device=dev) if need_tokens else delta
+    dyg_op = torch.empty((bsz, m, d), dtype=x.dtype, device=dev) if need_tokens else delta
     _delta_kernel[(bsz,)](
-        dy, *dy.stride(), y, b, lse, delta, db_part, d, m,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_B=bias is not None, NEED_DB=need_db,
-        ACC=acc_tl, num_warps=cfg.num_warps, num_stages=1,
+        dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
+        wg_op, dyg_op, d, m,
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_G=weight is not None,
+        HAS_B=bias is not None, NEED_DB=need_db, NEED_QSUMS=need_tokens,
+        DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
+        num_warps=cfg.num_warps, num_stages=1,
     )
     db = db_part.sum(0).to(bias.dtype) if need_db else None
-    if not (need_dx or need_dq or need_dg):
+    if not need_tokens:
         return None, None, None, db
 
     split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
@@ -301,7 +349,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
 
     _backward_kernel[(bsz, split)](
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
-        dy, *dy.stride(), lse, delta, stats, qsum, dx, dw_part, dg_part,
+        dy, *dy.stride(), lse, delta, qsums, wg_op, dyg_op, stats, qsum, dx, dw_part, dg_part,
         n, d, m, tokens_per_split, scale_hi, scale_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         EVEN_D=d % cfg.block_d == 0, HAS_MASK=mask is not None, HAS_G=weight is not None,

@@ -228,13 +228,19 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
 
     launches = []
     # Delta' = sum_d dy * (y - bias): reads dy and the forward's y; with a bias it also reads
-    # lse and writes the db partial rows (sum_m dy per batch element, (B, D)).
+    # lse and writes the db partial rows (sum_m dy per batch element, (B, D)). Then, per batch
+    # element, the token kernel's score operands op(dy g) (B, M, D) and op(W g) (M, D, once) in
+    # x's dtype, and the per-query sums (B, 3, M): a second pass over dy, W and g, from L2.
+    g_bytes = d * pe if affine else 0
     launches.append(LaunchBytes(
         "_delta_kernel",
-        {"dy": b * m * d * e, "y": b * m * d * e, "bias": d * pe if affine else 0,
+        {"dy": b * m * d * e, "y": b * m * d * e, "bias": g_bytes,
          "delta": b * m * acc, "lse": b * m * acc if affine else 0,
-         "db partials": b * d * acc if affine else 0},
-        {"bias re-read": (b - 1) * d * pe if affine else 0}))
+         "db partials": b * d * acc if affine else 0,
+         "queries, weight": m * d * pe + g_bytes,
+         "score operands": b * m * d * e + m * d * e, "query sums": b * 3 * m * acc},
+        {"bias re-read": (b - 1) * g_bytes, "dy re-read": b * m * d * e,
+         "queries, weight re-read": (b - 1) * (m * d * pe + g_bytes)}))
 
     ranges = token_ranges(n, split, cfg.block_n)
     blocks = sum(nb for _, nb in ranges)
@@ -247,15 +253,18 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
     scratch = b * rmw * 2 * (row + vec_rows * d * acc)
     partial = parts * (row + vec_rows * d * acc)
     dram = {"x": b * n * d * e, "dy": b * m * d * e, "params": params,
-            "lse + delta": parts * 2 * m * acc, "dx": b * n * d * e,
+            "score operands": b * m * d * e + m * d * e,
+            "lse + delta, query sums": parts * 5 * m * acc, "dx": b * n * d * e,
             "partials (dW, dg)": partial, "mask": b * n if mask else 0,
             "saved statistics": (b * 3 * n + m) * acc}
     l2 = {"scratch (L2)": scratch,
           # the second sweep re-reads the block's x slab (no shift tile: k is saved)
           "x re-read": b * n * d * e,
-          # W and dy in both sweeps of every token block, g in both sweeps
-          "dy re-read": b * (2 * blocks) * m * d * e - b * m * d * e,
-          "params re-read": b * 2 * blocks * (m * d + (1 if affine else 0) * d) * pe - params}
+          # every token block: op(dy g) and op(W g) in the score sweep, dy, W and g in the dx
+          # sweep
+          "dy re-read": 2 * b * blocks * m * d * e - 2 * b * m * d * e,
+          "params re-read": (b * blocks * (m * d * e + m * d * pe + g_bytes)
+                             - params - m * d * e)}
     launches.append(LaunchBytes("_backward_kernel", dram, l2))
 
     # torch: dw_part.sum(0); dw * weight; .to(queries.dtype); dg/db sums and casts.

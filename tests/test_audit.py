@@ -145,3 +145,5 @@ def test_backward_bytes_partials_and_empty_programs():
     assert delta.dram["db partials"] == red.dram["db partials"] == b * d * 4
     assert r.ideal["dx"] == main.dram["dx"] == b * n * d * 4
     assert main.dram["saved statistics"] == (b * 3 * n + m) * 4
+    # op(dy g) per batch element and op(W g) once, written by the delta kernel, read back
+    assert delta.dram["score operands"] == main.dram["score operands"] == (b * m * d + m * d) * 4
