@@ -69,7 +69,7 @@ def _score_operands(
     products and their rounding (with fp32 parameters under autocast that was half of the
     sweep's instructions); the sums were a third of the token kernel's instructions at
     ViT-B/16, when each program (one per 32-token block) reduced them itself. Columns are
-    summed tile-wise and reduced once, after the loop (see `common.operand_row_sums`)."""
+    summed tile-wise and reduced once, after the loop (see `common.query_operand`)."""
     offs_d = tl.arange(0, BLOCK_D)
     c_dp = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
     a = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
@@ -221,11 +221,10 @@ def _backward_kernel(
         shift = _token_vector(st_ptrs, n_in, offs_d)
         mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
         rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
-        # The operands op(W g) and op(dy g) come ready-made (HAS_G=False: no further scaling).
         acc_s, acc_dp, _s1, _s2 = shifted_dots(
-            x_ptr, stride_xn, stride_xd, wg_ptr, D, g_ptr, dyg_ptr + pid_b * M * D, D, 1,
-            shift, offs_m, m_in, offs_n, n_in, D,
-            BLOCK_D, EVEN_D, False, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            x_ptr, stride_xn, stride_xd, wg_ptr, dyg_ptr + pid_b * M * D, shift,
+            offs_m, m_in, offs_n, n_in, D,
+            BLOCK_D, EVEN_D, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
         # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.

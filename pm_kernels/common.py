@@ -52,6 +52,17 @@ def as_operand(v, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def load_operand(ptrs, mask, EMULATE_BF16: tl.constexpr):
+    """A tile stored in the dot's dtype (0 where masked), ready for `mma` as it is. The
+    interpreter's bf16 dot is not the GPU's (`round_to_bf16`): there the tile is widened to
+    fp32, which is exact."""
+    v = tl.load(ptrs, mask=mask, other=0.0)
+    if EMULATE_BF16:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
 def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
     """acc + a @ b, accumulated in ACC: tl.dot, except for fp64. Triton 3.6's fp64 MMA lowering
     aborts on some tiles (assertion "fp64 don't support largeK MMA", seen on an H100 for a
@@ -98,31 +109,39 @@ def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl
 def scaled_operand(v, g, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
     """op(v * g): a (BLOCK_M, BLOCK_D) tile of W or dy scaled by the LayerNorm weight g
     (BLOCK_D,) and rounded to the dot's dtype, exactly as both the dots and the per-query sums
-    that undo the shift (`operand_row_sums`) see it."""
+    that undo the shift (`query_operand`, `backward._score_operands`) see it."""
     return as_operand(v.to(ACC) * g[None, :], DOT_DTYPE, EMULATE_BF16)
 
 
 @triton.jit
-def operand_row_sums(a_ptr, stride_am, stride_ad, g_ptr, offs_m, m_in, D,
-                     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
-    """c[m] = sum_d op(A[m,d] g[d]) for A = W (the forward's c_s) or dy (the backward's c_dp),
-    A (M, D) at a_ptr: the sum of the very operand the shifted dots multiply, which `unshift`
-    needs. It does not depend on the tokens, so each program reduces it once, before its token
-    loop (reducing it in every step of the score sweep cost ~10 % of that sweep's instructions).
+def query_operand(w_ptr, stride_wm, g_ptr, out_ptr, offs_m, m_in, D,
+                  BLOCK_D: tl.constexpr, HAS_G: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
+    """The forward score sweep's query operand, once per program, before its token loop:
+    writes op(W g) (M, D) to out_ptr (contiguous, DOT_DTYPE) and returns
+    c_s[m] = sum_d op(W[m,d] g[d]), the sum of that very operand, which `unshift` needs. Neither
+    depends on the tokens: forming the operand in every step of the score sweep (a W tile, a g
+    tile, their product and its rounding; twice the bytes with fp32 parameters under autocast)
+    and reducing c_s there cost that sweep 10-25 % of its instructions. The backward's
+    `_score_operands` forms the same operand with the same `scaled_operand`, so the two dots
+    see the same bits.
 
     The columns are summed tile-wise and reduced across the tile once, after the loop. (A
-    `tl.sum` per step whose input is a bare load, as here for fp32 without affine weights,
-    makes Triton 3.6's TritonGPUOptimizeThreadLocality rewrite the loop, and it aborts on
-    assertion `loopResult.hasOneUse()` when the sum is used twice, as the forward uses c_s.)"""
+    `tl.sum` per step whose input is a bare load, as for fp32 without affine weights, makes
+    Triton 3.6's TritonGPUOptimizeThreadLocality rewrite the loop, and it aborts on assertion
+    `loopResult.hasOneUse()` when the sum is used twice, as the forward uses c_s.) The caller
+    must put a barrier between this and the first read of out_ptr: other threads read it."""
     offs_d = tl.arange(0, BLOCK_D)
     c = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + cols[None, :] * stride_ad,
-                    mask=m_in[:, None] & (cols < D)[None, :], other=0.0)
+        md_in = m_in[:, None] & (cols < D)[None, :]
+        w = tl.load(w_ptr + offs_m[:, None] * stride_wm + cols[None, :], mask=md_in, other=0.0)
         g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
-        c += scaled_operand(a, g, DOT_DTYPE, EMULATE_BF16, ACC).to(ACC)
+        op = scaled_operand(w, g, DOT_DTYPE, EMULATE_BF16, ACC)
+        tl.store(out_ptr + offs_m[:, None] * D + cols[None, :], op.to(out_ptr.dtype.element_ty),
+                 mask=md_in)
+        c += op.to(ACC)
     return tl.sum(c, axis=1)
 
 
@@ -245,12 +264,12 @@ def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
 @triton.jit
 def shifted_dots(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
-    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
-    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
-    dy_ptr, stride_dym, stride_dyd,     # dy of this batch element (M, D) (read when WITH_DY)
+    wg_ptr,                             # op(W g) (M, D), contiguous, DOT_DTYPE
+    dyg_ptr,                            # op(dy g) of this batch element (M, D), contiguous,
+                                        # DOT_DTYPE (read when WITH_DY)
     k,                                  # (BLOCK_N,) per-token shift, 0 for tokens not in n_in
     offs_m, m_in, offs_n, n_in, D,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_G: tl.constexpr, WITH_DY: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WITH_DY: tl.constexpr,
     WITH_STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
@@ -262,6 +281,8 @@ def shifted_dots(
         acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
         acc_dp[m, n] = sum_d op(dy[m,d] g[d]) op(x[n,d] - k_n)  (WITH_DY, else 0)
         s1[n], s2[n] = sum_d (x - k), sum_d (x - k)^2           (WITH_STATS, else 0)
+    The query-side operands come ready-made (`query_operand`, `backward._score_operands`):
+    they do not depend on the tokens, so the sweep only loads them.
     Tokens beyond the block's end load as 0 and have k = 0 (the caller's guarantee: the shift
     of an all-zero row is 0, and the backward loads its saved shifts as 0 there), so x - k is
     exactly 0 for them without a select in every step; only columns beyond D need one, and
@@ -269,7 +290,7 @@ def shifted_dots(
     The dot accumulation order is fixed by BLOCK_D-independent MMA k-steps, and the operands
     are the same rounded numbers in both kernels, so acc_s agrees between them."""
     offs_d = tl.arange(0, BLOCK_D)
-    m_rows = offs_m[:, None]
+    rows = offs_m[:, None] * D
     s1 = tl.zeros_like(k)
     s2 = tl.zeros_like(k)
     acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
@@ -286,16 +307,12 @@ def shifted_dots(
             s2 += tl.sum(xk * xk, axis=1)
         xk_t = tl.trans(as_operand(xk, DOT_DTYPE, EMULATE_BF16))
 
-        g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
         md_in = m_in[:, None] & d_in[None, :]
-        w = tl.load(w_ptr + m_rows * stride_wm + cols[None, :], mask=md_in, other=0.0)
-        acc_s = mma(scaled_operand(w, g, DOT_DTYPE, EMULATE_BF16, ACC), xk_t, acc_s,
-                    INPUT_PRECISION, ACC)
+        wg = load_operand(wg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
+        acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
         if WITH_DY:
-            dy = tl.load(dy_ptr + m_rows * stride_dym + cols[None, :] * stride_dyd,
-                         mask=md_in, other=0.0)
-            acc_dp = mma(scaled_operand(dy, g, DOT_DTYPE, EMULATE_BF16, ACC), xk_t, acc_dp,
-                         INPUT_PRECISION, ACC)
+            dyg = load_operand(dyg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
+            acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
     return acc_s, acc_dp, s1, s2
 
 
@@ -311,12 +328,11 @@ def unshift(acc, mean_rel, rstd, c, scale):
 @triton.jit
 def token_block_scores(
     x_ptr, stride_xn, stride_xd,       # x of one batch element, (N, D), any strides
-    w_ptr, stride_wm,                   # queries W (M, D), unit stride along D
-    g_ptr,                              # LayerNorm weight (D,) (read when HAS_G)
-    c_s,                                # (BLOCK_M,) sum_d op(W g), `operand_row_sums`
+    wg_ptr,                             # op(W g) (M, D), contiguous, DOT_DTYPE (`query_operand`)
+    c_s,                                # (BLOCK_M,) sum_d op(W g), `query_operand`
     offs_m, m_in, offs_n, n_in, D,
     scale, eps,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -345,9 +361,8 @@ def token_block_scores(
     x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D, ACC)
     k = shift_of_tokens(x0, offs_d, D, BLOCK_D)     # 0 for tokens not in n_in (zero rows)
     acc_s, _acc_dp, s1, s2 = shifted_dots(
-        x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, w_ptr, 0, 0, k,
-        offs_m, m_in, offs_n, n_in, D,
-        BLOCK_D, EVEN_D, HAS_G, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        x_ptr, stride_xn, stride_xd, wg_ptr, wg_ptr, k, offs_m, m_in, offs_n, n_in, D,
+        BLOCK_D, EVEN_D, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
     mean_rel = s1 / D                        # E[x - k] = mu - k
     var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)

@@ -4,18 +4,21 @@ One program owns a range of tokens of one batch element (the whole axis unless t
 small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N tokens it
   1. sweeps D once (`common.token_block_scores`): LayerNorm statistics and base-2 scores s2;
   2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
-  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat. For bf16 x, in
-     a block whose tokens' offsets are moderate (|k| r <= RAW_KR_LIMIT, the usual case), in the
-     raw form p @ xhat = q @ x + sum_n (p c - q k) with q = op(p r): x goes from memory to the
-     tensor cores untouched, and the per-token normalisation is folded into the M x BLOCK_N
-     weights once per block (ViT-B/16 on sm_90: 110 instead of 180 SASS instructions per warp
-     and D step of this sweep).
-Before the token loop it reduces c_s = sum_d op(W g) (`common.operand_row_sums`), which the
-scores need and does not depend on the tokens. Sweep 2 re-reads the BLOCK_N x D slab that sweep
-1 just brought on chip, so x comes from DRAM once. The accumulator acc (M x D fp32) is too big
-for registers at ViT widths, so between token blocks it lives in a per-program fp32 scratch row
-(L2-resident); when a program sees a single token block (N <= BLOCK_N) no scratch is touched at
-all, and the last block writes y directly. y = g * acc / l + b, because sum_n p = 1.
+  3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat. For bf16 x
+     without a key padding mask, in a block whose tokens' offsets are moderate
+     (|k| r <= RAW_KR_LIMIT, the usual case), in the raw form
+     p @ xhat = q @ x + sum_n (p c - q k) with q = op(p r): x goes from memory to the tensor
+     cores untouched, and the per-token normalisation is folded into the M x BLOCK_N weights
+     once per block (ViT-B/16 on sm_90: 122 instead of 190 SASS instructions per warp and D
+     step of this sweep).
+Before the token loop it forms the score sweep's query operand op(W g) into a per-program
+scratch row (M x D in x's dtype, L2-resident) and reduces c_s = sum_d op(W g), which the scores
+need (`common.query_operand`); neither depends on the tokens. Sweep 2 re-reads the BLOCK_N x D
+slab that sweep 1 just brought on chip, so x comes from DRAM once. The accumulator acc (M x D
+fp32) is too big for registers at ViT widths, so between token blocks it lives in a
+per-program fp32 scratch row (L2-resident); when a program sees a single token block
+(N <= BLOCK_N) no scratch is touched at all, and the last block writes y directly.
+y = g * acc / l + b, because sum_n p = 1.
 
 With split > 1, programs write their unnormalised (acc, m, l) partials and `_combine_kernel`
 merges them, rescaling each by exp2(m_s - max_s m_s).
@@ -43,8 +46,8 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
-                     operand_row_sums, softmax_normalizers, to_output, token_block,
+from .common import (LOG2E, as_operand, hi_lo, load_operand, load_vec, load_x_tile, mma,
+                     normalize_tile, query_operand, softmax_normalizers, to_output, token_block,
                      token_block_scores, token_normalizers, token_range)
 
 # Sweep 2's raw form (bf16 x; `_forward_kernel`): sum_n p xhat = q @ x + sum_n (p c - q k) with
@@ -57,7 +60,9 @@ from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, norma
 # blocks with a token whose offset dwarfs its spread (mean 1e3, std 5) take the shifted form.
 # Not fp16: q = p r must fit the operand format, and r ranges over 1e-3 (massive activations)
 # to 1e6 (a constant token at eps = 1e-12), outside fp16's normal range of 6e-5 to 6.5e4 at
-# either end; xhat, the shifted form's operand, stays within +-sqrt(D).
+# either end; xhat, the shifted form's operand, stays within +-sqrt(D). Not with a key padding
+# mask either: there Triton kept q in a shared-memory layout that ldmatrix cannot read (16 loads
+# and 30 register moves per step: 170 instructions instead of 121) and ptxas spilled on sm_90.
 RAW_KR_LIMIT = tl.constexpr(16.0)
 
 
@@ -69,20 +74,16 @@ def _raw_form_fits(k, r):
 
 
 @triton.jit
-def load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, valid, offs_d, D, EVEN_D: tl.constexpr,
+def load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl.constexpr,
                    EMULATE_BF16: tl.constexpr):
-    """x[offs_n, offs_d] in x's own dtype, as a (BLOCK_N, BLOCK_D) dot operand, 0 for masked
-    tokens and columns beyond D. Loaded straight into the dot (no arithmetic on the way), so
-    the compiler can stream it from memory to shared memory to the tensor cores. The
-    interpreter's bf16 dot is not the GPU's (`common.round_to_bf16`): there it is widened."""
+    """x[offs_n, offs_d] in x's own dtype, as a (BLOCK_N, BLOCK_D) dot operand, 0 for tokens
+    not in n_in and columns beyond D. Loaded straight into the dot (no arithmetic on the way), so
+    the compiler can stream it from memory to shared memory to the tensor cores."""
     ptrs = x_ptr + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
     if EVEN_D:
-        x = tl.load(ptrs, mask=valid[:, None], other=0.0)
+        return load_operand(ptrs, n_in[:, None], EMULATE_BF16)
     else:
-        x = tl.load(ptrs, mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
-    if EMULATE_BF16:
-        x = x.to(tl.float32)
-    return x
+        return load_operand(ptrs, n_in[:, None] & (offs_d < D)[None, :], EMULATE_BF16)
 
 
 @triton.jit
@@ -114,6 +115,7 @@ def _forward_kernel(
     y_ptr,                                       # (B, M, D) output, x's dtype   [FINALIZE]
     lse_ptr,                                     # (B, M) ACC log2-sum-exp2      [FINALIZE]
     acc_ptr,                                     # (B, split, M, D) ACC scratch / partials
+    wg_ptr,                                      # (B, split, M, D) DOT_DTYPE scratch: op(W g)
     ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [not FINALIZE]
     s_ptr,                                       # (B, M, N) ACC base-2 scores [RETURN_SCORES]
     stats_ptr,                                   # (B, 3, N) ACC (k, mu - k, rstd)  [SAVE_STATS]
@@ -125,7 +127,7 @@ def _forward_kernel(
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
-    RAW_PV: tl.constexpr,                        # bf16 x: sweep 2 may take x as it is
+    RAW_PV: tl.constexpr,                        # bf16 x, no mask: sweep 2 may take x as it is
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -141,10 +143,13 @@ def _forward_kernel(
     row = pid_b * tl.num_programs(1) + pid_s         # this program's scratch row
     acc_ptr += row * M * D
 
-    # c_s = sum_d op(W g) undoes the token shift in the scores; the backward reads it (every
-    # program computes the same bits; the first one saves them).
-    c_s = operand_row_sums(w_ptr, stride_wm, 1, g_ptr, offs_m, m_in, D, BLOCK_D, HAS_G,
-                           DOT_DTYPE, EMULATE_BF16, ACC)
+    # The score sweep's query operand op(W g), formed once into this program's scratch row, and
+    # c_s = sum_d op(W g), which undoes the token shift in the scores; the backward reads c_s
+    # (every program computes the same bits; the first one saves them).
+    wg_ptr += row * M * D
+    c_s = query_operand(w_ptr, stride_wm, g_ptr, wg_ptr, offs_m, m_in, D, BLOCK_D, HAS_G,
+                        DOT_DTYPE, EMULATE_BF16, ACC)
+    tl.debug_barrier()                               # op(W g) is read by other threads
     if SAVE_STATS:
         tl.store(qsum_ptr + offs_m, c_s, mask=m_in & (row == 0))
 
@@ -155,9 +160,9 @@ def _forward_kernel(
         offs_n, n_in, valid = token_block(n0, n_end, mask_ptr, stride_mb, stride_mn, pid_b,
                                           BLOCK_N, HAS_MASK)
         shift, mean_rel, rstd, sn = token_block_scores(
-            x_ptr, stride_xn, stride_xd, w_ptr, stride_wm, g_ptr, c_s,
+            x_ptr, stride_xn, stride_xd, wg_ptr, c_s,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
-            BLOCK_D, EVEN_D, HAS_G, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, EVEN_D, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         if SAVE_STATS:
             st_ptrs = stats_ptr + pid_b * 3 * N + offs_n
             tl.store(st_ptrs, shift, mask=n_in)
@@ -183,16 +188,15 @@ def _forward_kernel(
         # Sweep 2 in the raw form when the block allows it (bf16 x, RAW_KR_LIMIT):
         #   sum_n p xhat = sum_n q (x - k) + sum_n p c = q @ x + sum_n (p c - q k),
         # q = op(p r) (BLOCK_M, BLOCK_N), computed once per block. x then goes from memory to
-        # the tensor cores as it is (exact in its own dtype), with no per-element work. Masked
-        # tokens have r = c = k = 0, so q and their terms of the constant are 0, and their x is
-        # not loaded (0 * NaN would be NaN).
+        # the tensor cores as it is (exact in its own dtype), with no per-element work. Tokens
+        # past the end have r = c = k = 0 and load as 0 (RAW_PV excludes key padding masks).
         if RAW_PV and _raw_form_fits(k_v, r_v):
             q = as_operand(p * r_v[None, :], DOT_DTYPE, EMULATE_BF16)
             row_const = tl.sum(p * c_v[None, :] - q.to(ACC) * k_v[None, :], axis=1)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + offs_d
                 md_in = m_in[:, None] & (cols < D)[None, :]
-                x = load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, valid, cols, D, EVEN_D,
+                x = load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D,
                                    EMULATE_BF16)
                 acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
                 acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0)
@@ -312,7 +316,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
 
     `save_stats` also writes what `patch_merger_backward` needs besides y and lse (the token
     statistics and c_s); `return_scores` the base-2 scores s2. `raw_pv=False` keeps sweep 2 in
-    the shifted form for every token block (bf16; see RAW_KR_LIMIT), for A/B timing and tests.
+    the shifted form for every token block (it only matters for bf16 x without a mask; see
+    RAW_KR_LIMIT), for A/B timing and tests.
     """
     bsz, n, d = x.shape
     m = queries.shape[0]
@@ -330,6 +335,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     needs_scratch = split > 1 or n > cfg.block_n
     acc = (torch.empty((bsz, split, m, d), dtype=acc_torch, device=x.device)
            if needs_scratch else lse)
+    wg = torch.empty((bsz, split, m, d), dtype=x.dtype, device=x.device)
     ml = (torch.empty((bsz, split, 2, m), dtype=acc_torch, device=x.device)
           if split > 1 else lse)
     queries = queries.contiguous()
@@ -345,14 +351,14 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
 
     _forward_kernel[(bsz, split)](
         x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
-        y, lse, acc, ml, scores if scores is not None else lse,
+        y, lse, acc, wg, ml, scores if scores is not None else lse,
         stats if save_stats else lse, qsum if save_stats else lse,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
         FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         EVEN_D=d % cfg.block_d == 0,
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
-        RAW_PV=raw_pv and x.dtype == torch.bfloat16,
+        RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,

@@ -192,9 +192,11 @@ def forward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.flo
     l2 = {"scratch (L2)": b * (scratch_rd + scratch_wr),
           # sweep 2 re-reads the block's x slab; sweep 1 reads its first D tile twice
           "x re-read": b * n * d * e + b * n * first_tile * e,
-          # W and g for every token block (sweep 1), g and b once more per block at the end
-          "params re-read": b * blocks * (m * d + (d if affine else 0)) * pe
-                            + (b * n_affine * d * pe if finalize else 0) - params}
+          # W and g once per program (`query_operand`), g and b once more at the end
+          "params re-read": b * split * (m * d + (d if affine else 0)) * pe
+                            + (b * n_affine * d * pe if finalize else 0) - params,
+          # op(W g): written once per program, read by the score sweep of every token block
+          "query operand": b * split * m * d * e + b * blocks * m * d * e}
     launches = [LaunchBytes("_forward_kernel", dram, l2)]
     if not finalize:
         dram_c = {"split partials (acc)": b * partial_wr,
