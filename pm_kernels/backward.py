@@ -102,12 +102,13 @@ def _delta_kernel(
     lse_ptr,                                      # (B, M) ACC: the forward's lse2   [NEED_DB]
     delta_ptr,                                    # (B, M) ACC out
     db_part_ptr,                                  # (B, D) ACC out                  [NEED_DB]
-    qs_ptr,                                       # (B, 3, M) ACC out (c_dp, a, cw) [NEED_QSUMS]
-    wg_ptr,                                       # (M, D) DOT_DTYPE out: op(W g)   [NEED_QSUMS]
-    dyg_ptr,                                      # (B, M, D) DOT_DTYPE out: op(dy g) [NEED_QSUMS]
+    # [NEED_OPERANDS] outputs, for the token kernel's score sweep:
+    qs_ptr,                                       # (B, 3, M) ACC: (c_dp, a, cw)
+    wg_ptr,                                       # (M, D) DOT_DTYPE: op(W g)
+    dyg_ptr,                                      # (B, M, D) DOT_DTYPE: op(dy g)
     D, M,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
-    NEED_DB: tl.constexpr, NEED_QSUMS: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_OPERANDS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr,
 ):
     """Delta'[b, m] = sum_d dy[b,m,d] * (y[b,m,d] - bias[d]), and, while dy is at hand:
@@ -136,7 +137,7 @@ def _delta_kernel(
             tl.store(db_part_ptr + pid_b * D + cols, tl.sum(dy * live[:, None], axis=0),
                      mask=cols < D)
     tl.store(delta_ptr + pid_b * M + offs_m, delta, mask=m_in)
-    if NEED_QSUMS:
+    if NEED_OPERANDS:
         c_dp, a, cw = _score_operands(w_ptr, stride_wm, g_ptr, dy_ptr + pid_b * stride_dyb,
                                       stride_dym, stride_dyd, wg_ptr, dyg_ptr + pid_b * M * D,
                                       offs_m, m_in, D, pid_b == 0, BLOCK_D, HAS_G,
@@ -326,7 +327,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
         dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
         wg_op, dyg_op, d, m,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_G=weight is not None,
-        HAS_B=bias is not None, NEED_DB=need_db, NEED_QSUMS=need_tokens,
+        HAS_B=bias is not None, NEED_DB=need_db, NEED_OPERANDS=need_tokens,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=1,
     )

@@ -127,7 +127,7 @@ def _forward_kernel(
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
-    RAW_PV: tl.constexpr,                        # bf16 x, no mask: sweep 2 may take x as it is
+    RAW_PV: tl.constexpr,                        # bf16 x, no mask: sweep 2 may take x raw
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
