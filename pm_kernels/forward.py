@@ -5,7 +5,7 @@ small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N token
   1. sweeps D once (`common.token_block_scores`): LayerNorm statistics and base-2 scores s2;
   2. folds the block into an online softmax over the token axis (running max m and sum l, fp32);
   3. sweeps D again: acc[m, :] = acc[m, :] * exp2(m_old - m_new) + p @ xhat. For bf16 x
-     without a key padding mask, in a block whose tokens' offsets are moderate
+     without a key padding mask and M <= 32, in a block whose tokens' offsets are moderate
      (|k| r <= RAW_KR_LIMIT, the usual case), in the raw form
      p @ xhat = q @ x + sum_n (p c - q k) with q = op(p r): x goes from memory to the tensor
      cores untouched, and the per-token normalisation is folded into the M x BLOCK_N weights
@@ -63,6 +63,9 @@ from .common import (LOG2E, as_operand, hi_lo, load_operand, load_vec, load_x_ti
 # either end; xhat, the shifted form's operand, stays within +-sqrt(D). Not with a key padding
 # mask either: there Triton kept q in a shared-memory layout that ldmatrix cannot read (16 loads
 # and 30 register moves per step: 170 instructions instead of 121) and ptxas spilled on sm_90.
+# Nor for M > 32: at BLOCK_M = 64 Triton 3.6's software pipeliner fails on sm_90 ("PassManager::
+# run failed" in TritonGPUPipeline, with the raw dot on warpgroup MMA), and the 16-token tiles of
+# BLOCK_M = 128 / 256 gain nothing from it (258-260 instructions per step against 274-278).
 RAW_KR_LIMIT = tl.constexpr(16.0)
 
 
@@ -127,7 +130,7 @@ def _forward_kernel(
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
-    RAW_PV: tl.constexpr,                        # bf16 x, no mask: sweep 2 may take x raw
+    RAW_PV: tl.constexpr,                        # bf16, no mask, M <= 32: sweep 2 may take x raw
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -316,8 +319,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
 
     `save_stats` also writes what `patch_merger_backward` needs besides y and lse (the token
     statistics and c_s); `return_scores` the base-2 scores s2. `raw_pv=False` keeps sweep 2 in
-    the shifted form for every token block (it only matters for bf16 x without a mask; see
-    RAW_KR_LIMIT), for A/B timing and tests.
+    the shifted form for every token block (it only matters for bf16 x without a mask at
+    M <= 32; see RAW_KR_LIMIT), for A/B timing and tests.
     """
     bsz, n, d = x.shape
     m = queries.shape[0]
@@ -358,7 +361,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         EVEN_D=d % cfg.block_d == 0,
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
-        RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None,
+        RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None and cfg.block_m <= 32,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
