@@ -72,6 +72,21 @@ def _splits(b, n, bn, sms):
     return sorted(set(out))
 
 
+def candidates(kernel: str, default: Config, b: int, n: int, m: int, dtype: torch.dtype,
+               sms: int) -> list[tuple[Config, bool]]:
+    """(config, raw_pv) pairs to time, in order, the heuristic's first. The forward's heuristic
+    tile is also timed with the shifted form of sweep 2 everywhere (raw_pv=False): the A/B of
+    the raw form (forward.py; it only runs for bf16). Duplicates are dropped."""
+    bm = heuristics.block_m(m)
+    tiles = FORWARD_TILES if kernel == "forward" else BACKWARD_TILES
+    cands = [(default, True)]
+    if kernel == "forward" and dtype == torch.bfloat16:
+        cands.append((default, False))
+    cands += [(Config(bm, bn, bd, s, nw, st, *cap), True)
+              for bn, bd, nw, st, *cap in tiles for s in _splits(b, n, bn, sms)]
+    return list(dict.fromkeys(cands))
+
+
 def main(argv=None) -> int:
     import triton.testing
 
@@ -112,7 +127,6 @@ def main(argv=None) -> int:
                 x, q, w, bias, EPS, scale, config=cfg, raw_pv=raw)[0]
             ideal = roofline.forward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.forward_config(b, n, d, m, dtype, dev)
-            tiles = FORWARD_TILES
         else:
             # Every gradient is checked: the split factor changes the partial rows behind
             # dqueries / dweight / dbias more than dx.
@@ -120,20 +134,12 @@ def main(argv=None) -> int:
                 patch_merger_backward(dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)])
             ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.backward_config(b, n, d, m, dtype, dev)
-            tiles = BACKWARD_TILES
         expected = fn(default).float()
-        bm = heuristics.block_m(m)
-        # (config, raw_pv). The forward's heuristic tile is also timed with the shifted form of
-        # sweep 2 everywhere (raw_pv=False), the A/B of the raw form (forward.py, bf16 only).
-        cands = [(default, True)]
-        if kernel == "forward" and dtype == torch.bfloat16:
-            cands.append((default, False))
-        cands += [(Config(bm, bn, bd, s, nw, st, *cap), True)
-                  for bn, bd, nw, st, *cap in tiles for s in _splits(b, n, bn, sms)]
+        cands = candidates(kernel, default, b, n, m, dtype, sms)
         rows = []
         print(f"\n== {shape} {kernel} B={b} N={n} D={d} M={m} {a.dtype} "
               f"(heuristic: {default})", flush=True)
-        for cfg, raw in dict.fromkeys(cands):
+        for cfg, raw in cands:
             if time.time() > deadline:
                 print(f"  budget spent; {len(cands) - len(rows)} candidates not tried")
                 break

@@ -110,3 +110,31 @@ def test_csv_has_every_column_when_merged_rows_predate_one(tmp_path):
     (csv_path,) = [p for p in suite.write_results(rows, _env(), tmp_path) if p.suffix == ".csv"]
     header = csv_path.read_text().splitlines()[1].split(",")
     assert "host_ms" in header and "graph_ms" in header
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_tune_candidates_are_well_formed(kernel, dtype, monkeypatch):
+    """`python -m bench.tune` runs only on a lent GPU, where a crash in building its candidate
+    list would cost device minutes: build the lists here, for the GPU heuristics of an H100."""
+    from bench import tune
+    from pm_kernels import heuristics
+
+    monkeypatch.setattr(heuristics, "_INTERPRETING", False)
+    monkeypatch.setattr(heuristics, "num_sms", lambda device: 132)
+    for b, n, d, m in tune.SHAPES.values():
+        pick = heuristics.forward_config if kernel == "forward" else heuristics.backward_config
+        default = pick(b, n, d, m, dtype, torch.device("cpu"))
+        cands = tune.candidates(kernel, default, b, n, m, dtype, 132)
+        assert cands[0] == (default, True)
+        # The A/B of the forward's raw form: bf16 only (fp16 never takes it).
+        assert ((default, False) in cands) == (kernel == "forward" and dtype == torch.bfloat16)
+        assert len(set(cands)) == len(cands)
+        blocks = -(-n // 16)
+        for cfg, _raw in cands:
+            assert cfg.block_m == heuristics.block_m(m)
+            for v in (cfg.block_n, cfg.block_d):
+                assert v >= 16 and v & (v - 1) == 0, cfg
+            assert cfg.num_warps in (4, 8, 16) and 1 <= cfg.num_stages <= 4, cfg
+            assert cfg.maxnreg is None or 64 <= cfg.maxnreg <= 255, cfg
+            assert 1 <= cfg.split <= blocks, cfg
