@@ -143,7 +143,7 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # 0.157 for the 64 x 64 / 2-stage tile then in the table) but spilled 4 B on sm_90 then; under
 # the cap it is spill-free at 128 registers. The cap also keeps the bf16 raw form of sweep 2
 # (forward.py) at 2 programs per SM. SASS per warp and 8 KB step at ViT-B/16, bf16, sm_90:
-# score sweep 175, sweep 2 120 in the raw form (189 shifted). Not timed since (2026-12-01).
+# score sweep 155, sweep 2 122 in the raw form (190 shifted). Not timed since (2026-12-01).
 # Backward, M <= 16: 32 x 64 on 4 warps, not pipelined, one program per token block, registers
 # capped at 168. The tile and the split are the fastest measured (below: 0.345 ms on ViT-B/16
 # and 0.672 on ViT-H/14, against 0.458 / 0.787 for 64 x 32, which the table held until
@@ -155,11 +155,12 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # audited variant for 0-12 more instructions per dx-sweep step (128 would spill 40-72 B). The
 # cap is not timed (2026-12-01).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
-# tiles grow; every 16-bit tier is spill-free on sm_80 and sm_90 (one exception, not at a paper
-# M: M = 1 in the BLOCK_M = 16 forward, 8 B on sm_90). The BLOCK_M = 32 / 128 forward and the
+# tiles grow; every 16-bit tier is spill-free on sm_90, and on sm_80 but for the BLOCK_M = 128
+# backward (4 B, at 252-255 registers; not a paper M). The BLOCK_M = 32 / 128 forward and the
 # BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to save
 # statistics. fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
-# (336-340 B) and 4-8 B in some BLOCK_M = 16 / 32 variants -- large M is better run in bf16.
+# (392-396 B) and 4 B in some BLOCK_M = 16 / 32 variants on sm_80 -- large M is better run in
+# bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -179,19 +180,19 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
-    # BLOCK_M = 16 serves the paper's M = 8 and 16 (M = 1 spills 8 B on sm_90: not a paper M).
-    16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 101-128 / 128 | 128-164 / 127-162
-    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 99-128 / 124-128 | 158-166 / 155-166
-    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 104-132 | 216-226 / 210-221
-    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 118-128 / 106-128 | 110-128 / 106-128
-    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-119 | 184-214 / 171-193
+    # BLOCK_M = 16 serves the paper's M = 8 and 16 (and M = 1).
+    16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 126-128 / 124-128 | 128-164 / 127-162
+    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 102-127 / 104-128 | 158-166 / 155-166
+    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 102-125 | 218-232 / 210-221
+    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 120-152 / 106-128 | 110-128 / 106-128
+    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-116 | 188-214 / 171-194
 }
 _BACKWARD_TILES = {
-    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 128-238 / 118-218 | 64-80 / 64-103, 4 / 8 B
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-250 / 159-244 | 168, 4 B / 128-168
-    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 206-238 / 178-225 | 221-255 / 211-230
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 246-255 / 204-241 | 218-239 / 208-226
-    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 201-250 / 172-216 | 255, spills 340 / 336 B
+    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 150-168 / 148-168 | 64-102, 4 B / 64-102
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-244 / 157-240 | 168, 4 B / 152-168
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 212-245 / 180-231 | 223-255 / 215-237
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 252-255, 4 B / 202-241 | 226-245 / 217-232
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 204-250 / 174-220 | 255, spills 396 / 392 B
 }
 
 
