@@ -148,8 +148,8 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # capped at 168. The tile and the split are the fastest measured (below: 0.345 ms on ViT-B/16
 # and 0.672 on ViT-H/14, against 0.458 / 0.787 for 64 x 32, which the table held until
 # 2026-12-01 because 32 x 64 spilled 4 B on sm_90 with fp32 parameters then; it no longer does,
-# and its dx sweep issues 418-430 SASS instructions per step where 64 x 32 issues 473-485, ViT-B and
-# ViT-H bf16 on sm_90). The backward holds many more live tiles than the forward (see
+# and its dx sweep issues 418-430 SASS instructions per step where 64 x 32 issues 473-485,
+# ViT-B and ViT-H bf16 on sm_90). The backward holds many more live tiles than the forward (see
 # backward.py): uncapped, ptxas gave it 209-238 registers, 2 programs per SM; at 168 three fit,
 # 12 warps instead of 8 to hide the latency the tuning runs found binding, spill-free in every
 # audited variant for 0-12 more instructions per dx-sweep step (128 would spill 40-72 B). The
@@ -172,12 +172,12 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # their extra partial rows cost. Among the spill-free tiles, 64 x 32 on 4 warps was the fastest
 # (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
 # 0.543). 32 x 64 was faster still (0.345 / 0.672) but spilled 4 B on sm_90 with fp32
-# parameters (the autocast case) then; it is the table's tile now. Forward: 128 x 32 on 8 warps, 3 stages, measured 0.121 ms on
-# ViT-B vs 0.157 for the 64 x 64 then in the table, but spilled 4 B on sm_90 (without the
-# register cap; now the table's tile); 128 x 64, 8 warps, 3 stages was the fastest on ViT-H
-# (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128 vs 0.192), but takes one program per
-# SM (two waves at B=256 on an H100). The other tiers are as the audit chose them, not yet
-# measured.
+# parameters (the autocast case) then; it is the table's tile now. Forward: 128 x 32 on 8
+# warps, 3 stages, measured 0.121 ms on ViT-B vs 0.157 for the 64 x 64 then in the table, but
+# spilled 4 B on sm_90 (without the register cap; now the table's tile); 128 x 64, 8 warps,
+# 3 stages was the fastest on ViT-H (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128
+# vs 0.192), but takes one program per SM (two waves at B=256 on an H100). The other tiers are
+# as the audit chose them, not yet measured.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (and M = 1).

@@ -145,7 +145,8 @@ def test_large_mean_small_std(dtype, mean, std):
 RAW_FORM = [(0.0, True), (12.0, True), (1e3, False)]
 
 
-@pytest.mark.parametrize("offset,raw", RAW_FORM, ids=["centred", "offset12-raw", "offset1e3-shifted"])
+@pytest.mark.parametrize("offset,raw", RAW_FORM,
+                         ids=["centred", "offset12-raw", "offset1e3-shifted"])
 def test_bf16_raw_form_of_the_merge(offset, raw):
     """bf16 sweep 2 of the forward takes x as it is, y = (q @ x + sum_n (p c - q k)) / l with
     q = op(p r), in a token block whose tokens all have |k| r <= RAW_KR_LIMIT = 16, and the
