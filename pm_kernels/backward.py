@@ -182,6 +182,7 @@ def _backward_kernel(
     scale_hi, scale_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,                         # D % BLOCK_D == 0: no column masks on x
+    ONE_BLOCK: tl.constexpr,                      # tokens_per_split <= BLOCK_N (see below)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -242,6 +243,8 @@ def _backward_kernel(
         # xhat of the dx sweep, 0 for masked tokens. (Here a select on the tile compiles to
         # fewer instructions than the forward's masked load: 485 vs 515 per step on sm_90.)
         k_v, r_v, c_v = token_normalizers(shift, mean_rel, rstd, valid)
+        # A program's first token block starts its partial rows from zero; with one block per
+        # program (ONE_BLOCK, the paper's shapes) they are written once and never read back.
         not_first = n0 > n_start
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
@@ -266,13 +269,17 @@ def _backward_kernel(
                     tl.store(dx_ptr + offs_n[:, None] * D + cols[None, :],
                              to_output(dx, dx_ptr.dtype.element_ty, EMULATE_BF16),
                              mask=n_in[:, None] & d_in[None, :])
-                # Partial sums: the first token block of a program starts them from zero.
                 if NEED_DG:
-                    dg = tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
-                    tl.store(dg_part_ptr + cols, dg + tl.sum(dxn * xhat, axis=0), mask=d_in)
+                    dg = tl.sum(dxn * xhat, axis=0)
+                    if not ONE_BLOCK:
+                        dg += tl.load(dg_part_ptr + cols, mask=d_in & not_first, other=0.0)
+                    tl.store(dg_part_ptr + cols, dg, mask=d_in)
             if NEED_DW:
                 dw_ptrs = dw_part_ptr + offs_m[:, None] * D + cols[None, :]
-                dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
+                if ONE_BLOCK:
+                    dw = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+                else:
+                    dw = tl.load(dw_ptrs, mask=md_in & not_first, other=0.0)
                 dw = mma(sds, as_operand(xhat, DOT_DTYPE, EMULATE_BF16), dw, INPUT_PRECISION,
                          ACC)
                 tl.store(dw_ptrs, dw, mask=md_in)
@@ -352,7 +359,8 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
         dy, *dy.stride(), lse, delta, qsums, wg_op, dyg_op, stats, qsum, dx, dw_part, dg_part,
         n, d, m, tokens_per_split, scale_hi, scale_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        EVEN_D=d % cfg.block_d == 0, HAS_MASK=mask is not None, HAS_G=weight is not None,
+        EVEN_D=d % cfg.block_d == 0, ONE_BLOCK=tokens_per_split <= cfg.block_n,
+        HAS_MASK=mask is not None, HAS_G=weight is not None,
         NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
         INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,

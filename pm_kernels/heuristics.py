@@ -148,12 +148,13 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # capped at 168. The tile and the split are the fastest measured (below: 0.345 ms on ViT-B/16
 # and 0.672 on ViT-H/14, against 0.458 / 0.787 for 64 x 32, which the table held until
 # 2026-12-01 because 32 x 64 spilled 4 B on sm_90 with fp32 parameters then; it no longer does,
-# and its dx sweep issues 418-430 SASS instructions per step where 64 x 32 issues 473-485,
-# ViT-B and ViT-H bf16 on sm_90). The backward holds many more live tiles than the forward (see
-# backward.py): uncapped, ptxas gave it 209-238 registers, 2 programs per SM; at 168 three fit,
-# 12 warps instead of 8 to hide the latency the tuning runs found binding, spill-free in every
-# audited variant for 0-12 more instructions per dx-sweep step (128 would spill 40-72 B). The
-# cap is not timed (2026-12-01).
+# and its dx sweep issued 418-430 SASS instructions per step where 64 x 32 issued 473-485,
+# ViT-B and ViT-H bf16 on sm_90; 382 at ViT-B since a program with one token block writes its
+# partial rows without reading them, `ONE_BLOCK` in backward.py). The backward holds many more
+# live tiles than the forward (see backward.py): uncapped, ptxas gave it 209-238 registers,
+# 2 programs per SM; at 168 three fit, 12 warps instead of 8 to hide the latency the tuning
+# runs found binding, spill-free in every audited variant for 0-12 more instructions per
+# dx-sweep step (128 would spill 40-72 B). The cap is not timed (2026-12-01).
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
 # tiles grow; every 16-bit tier is spill-free on sm_90, and on sm_80 but for the BLOCK_M = 128
 # backward (4 B, at 252-255 registers; not a paper M). The BLOCK_M = 32 / 128 forward and the

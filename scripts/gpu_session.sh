@@ -4,7 +4,8 @@
 # network); logs and results go to $OUT (or /tmp/pm_gpu), nothing is installed except what .whl/
 # carries (vit-pytorch for the timm-marked tests: `bash scripts/fetch_gpu_wheels.sh` beforehand).
 #
-#   bash scripts/gpu_session.sh [tests] [selfcheck] [audit] [bench] [compile]   (default: all)
+#   bash scripts/gpu_session.sh [tests] [selfcheck] [profile] [audit] [bench] [tune] [compile]
+#   (default: tests selfcheck profile audit bench compile)
 #
 # The stages run in the order given, each under its own time limit, and all of them within
 # PM_GPU_BUDGET_S seconds (default 540: one device call may run 600 s, and the packing up at the
@@ -12,6 +13,7 @@
 # when under 30 s are left. Put the stages that matter most first.
 #   tests      pytest, every marker, 14 workers, junit XML       (PM_GPU_TEST_TIMEOUT, 300 s)
 #   selfcheck  python -m pm_kernels
+#   profile    python -m bench.profile: GPU time per kernel and host idle time, paper shapes
 #   audit      python -m pm_kernels.audit --quick (compile-only, as in CI)
 #   bench      python -m bench, providers pm_kernels / eager / sdpa, every case (PM_GPU_BENCH_ARGS)
 #   tune       python -m bench.tune: launch-configuration sweep       (PM_GPU_TUNE_ARGS)
@@ -26,7 +28,7 @@ mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests selfcheck audit bench compile)
+[ ${#stages[@]} -eq 0 ] && stages=(tests selfcheck profile audit bench compile)
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 BUDGET=${PM_GPU_BUDGET_S:-540}
 # limit NAME SECONDS: the stage's time limit, cut to the budget left (20 s kept for packing up);
@@ -75,6 +77,10 @@ if has tests && lim=$(limit tests "${PM_GPU_TEST_TIMEOUT:-300}"); then
 fi
 if has selfcheck && lim=$(limit selfcheck 120); then
   timeout "$lim" $PY -m pm_kernels 2>&1 | tee "$LOGS/selfcheck.log" | tail -25
+fi
+if has profile && lim=$(limit profile 90); then
+  timeout "$lim" $PY -m bench.profile --json "$OUT/profile.json" > "$LOGS/profile.log" 2>&1
+  echo "profile exit $?"; grep -E "^==" "$LOGS/profile.log"
 fi
 if has audit && lim=$(limit audit 300); then   # CPU-only, but not beside the benchmark: it would steal its launch threads
   timeout "$lim" $PY -m pm_kernels.audit --quick --json "$LOGS/audit.json" > "$LOGS/audit.log" 2>&1

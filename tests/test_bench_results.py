@@ -138,3 +138,53 @@ def test_tune_candidates_are_well_formed(kernel, dtype, monkeypatch):
             assert cfg.num_warps in (4, 8, 16) and 1 <= cfg.num_stages <= 4, cfg
             assert cfg.maxnreg is None or 64 <= cfg.maxnreg <= 255, cfg
             assert 1 <= cfg.split <= blocks, cfg
+
+
+def test_profile_kernel_times_per_call():
+    """`python -m bench.profile`'s table: GPU events only (CPU ops carry the same names for
+    their host side), summed per kernel name and divided by the calls profiled."""
+    from types import SimpleNamespace
+
+    from bench import profile
+
+    def event(name, device, us):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event("_backward_kernel", cuda, 30.0), event("_backward_kernel", cpu, 500.0),
+              event("_delta_kernel", cuda, 4.0), event("_backward_kernel", cuda, 34.0),
+              event("_delta_kernel", cuda, 6.0), event("reduce_kernel", cuda, 9.0)]
+    rows = profile.kernel_times(events, iters=2)
+    assert rows == [dict(kernel="_backward_kernel", launches=1.0, us=32.0),
+                    dict(kernel="_delta_kernel", launches=1.0, us=5.0),
+                    dict(kernel="reduce_kernel", launches=0.5, us=4.5)]
+
+    # The attributes it reads, on the installed torch's own profiler events (CPU ones here).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(4).add_(1)
+    real = prof.events()
+    assert real and all(e.device_type == cpu and e.time_range.elapsed_us() >= 0 for e in real)
+    assert profile.kernel_times(real, iters=1) == []
+
+
+def test_profile_calls_run(monkeypatch):
+    """The three functions `bench.profile` times, run once each on a small shape (on the GPU
+    they run at the paper's): a wrong argument there would otherwise first show on a lent GPU."""
+    from bench import profile
+
+    monkeypatch.setitem(profile.SHAPES, "tiny", (2, 20, 24, 3))
+    fns = profile._calls("tiny", torch.device("cpu"), torch.bfloat16)
+    assert set(fns) == set(profile.MODES)
+    y, lse, stats, qsum, _ = fns["forward"]()
+    assert y.shape == (2, 3, 24) and stats.shape == (2, 3, 20)
+    dx, dq, dg, db = fns["backward"]()
+    assert dx.shape == (2, 20, 24) and dq.shape == (3, 24) and dg.shape == db.shape == (24,)
+    fns["fwd+bwd"]()
+
+
+def test_profile_needs_a_gpu(monkeypatch):
+    from bench import profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        profile.main(["--shapes", "vit-b"])

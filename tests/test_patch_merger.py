@@ -145,12 +145,15 @@ def test_no_affine_and_custom_scale_eps(affine, device):
 
 
 # Explicit launch configurations that the heuristics would not pick for these small shapes:
-# many D tiles with a ragged last one, many token blocks per program, and a split so wide that
-# the last programs own no token at all (their partials must be ignored, and zero).
+# many D tiles with a ragged last one, many token blocks per program, a split so wide that the
+# last programs own no token at all (their partials must be ignored, and zero), and one token
+# block per program (the GPU backward's layout at the paper's shapes, where the backward kernel
+# writes its partial rows without reading them: `ONE_BLOCK`).
 FORCED = [
     pytest.param(heuristics.Config(16, 16, 16, split=1), id="many-tiles"),
     pytest.param(heuristics.Config(16, 16, 32, split=3), id="split3"),
     pytest.param(heuristics.Config(16, 16, 32, split=12), id="split12-empty-programs"),
+    pytest.param(heuristics.Config(16, 16, 32, split=16), id="split16-one-block-each"),
 ]
 
 
@@ -160,7 +163,8 @@ def test_forced_configs(cfg, dtype, device):
     n, d, m = 200, 70, 5
     x, q, g, b, dy = make_inputs((2,), n, d, m, dtype, device=device)
     if dtype == torch.float16:
-        # 200 tokens / 16 per block / 12 programs: 32 tokens per program, programs 7..11 empty.
+        # 200 tokens / 16 per block / 12 programs: 32 tokens per program, programs 7..11 empty;
+        # 16 programs: 16 tokens (one block) per program, programs 13..15 empty.
         assert triton_cdiv(n, triton_cdiv(triton_cdiv(n, cfg.split), 16) * 16) <= cfg.split
 
     def ours(x_, q_, g_, b_):
