@@ -117,7 +117,9 @@ def _delta_kernel(
         were all masked, NaN where lse2 is NaN (a NaN token), so that db is NaN there as in the
         reference;
       * the score-sweep operands and per-query sums of the token kernel (`_score_operands`),
-        once per batch element instead of once per token block; program 0 writes op(W g)."""
+        once per batch element instead of once per token block; program 0 writes op(W g).
+    Both sweeps are a memory round trip per step and little else, so they take wide steps
+    (`heuristics.delta_config`): 3 per sweep at ViT-B/16 instead of 12."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     m_in = offs_m < M
@@ -183,6 +185,7 @@ def _backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,                         # D % BLOCK_D == 0: no column masks on x
     ONE_BLOCK: tl.constexpr,                      # tokens_per_split <= BLOCK_N (see below)
+    PREFETCH: tl.constexpr,                       # score sweep a step ahead (`heuristics`)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -226,7 +229,8 @@ def _backward_kernel(
         acc_s, acc_dp, _s1, _s2 = shifted_dots(
             x_ptr, stride_xn, stride_xd, wg_ptr, dyg_ptr + pid_b * M * D, shift,
             offs_m, m_in, offs_n, n_in, D,
-            BLOCK_D, EVEN_D, True, False, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, EVEN_D, True, False, PREFETCH, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION,
+            ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
         # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
@@ -330,13 +334,14 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     # The score sweep's operands op(W g) and op(dy g), in the dtype the dots take (x's).
     wg_op = torch.empty((m, d), dtype=x.dtype, device=dev) if need_tokens else delta
     dyg_op = torch.empty((bsz, m, d), dtype=x.dtype, device=dev) if need_tokens else delta
+    dcfg = heuristics.delta_config(d, m, cfg)
     _delta_kernel[(bsz,)](
         dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
         wg_op, dyg_op, d, m,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_G=weight is not None,
+        BLOCK_M=dcfg.block_m, BLOCK_D=dcfg.block_d, HAS_G=weight is not None,
         HAS_B=bias is not None, NEED_DB=need_db, NEED_OPERANDS=need_tokens,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=1,
+        num_warps=dcfg.num_warps, num_stages=1,
     )
     db = db_part.sum(0).to(bias.dtype) if need_db else None
     if not need_tokens:
@@ -360,6 +365,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
         n, d, m, tokens_per_split, scale_hi, scale_lo,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         EVEN_D=d % cfg.block_d == 0, ONE_BLOCK=tokens_per_split <= cfg.block_n,
+        PREFETCH=heuristics.prefetch(cfg),
         HAS_MASK=mask is not None, HAS_G=weight is not None,
         NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
         DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,

@@ -270,12 +270,15 @@ def shifted_dots(
     k,                                  # (BLOCK_N,) per-token shift, 0 for tokens not in n_in
     offs_m, m_in, offs_n, n_in, D,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WITH_DY: tl.constexpr,
-    WITH_STATS: tl.constexpr,
+    WITH_STATS: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """The sweep over D shared by the forward and the backward score passes: the dots of the
     queries (and of dy) with the shifted tokens x - k, in the operands' rounded form.
+    PREFETCH (for launches that Triton does not software-pipeline, num_stages = 1) loads each
+    step's tiles during the step before, in registers: without it every step waits out a DRAM
+    round trip for its x tile (the sweep is the first touch of x) before any of its work.
 
     Returns (acc_s, acc_dp, s1, s2):
         acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
@@ -295,10 +298,38 @@ def shifted_dots(
     s2 = tl.zeros_like(k)
     acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     acc_dp = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
+    if PREFETCH:
+        x_dtype = x_ptr.dtype.element_ty
+        x_next = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D,
+                             x_dtype)
+        md_next = m_in[:, None] & (offs_d < D)[None, :]
+        wg_next = load_operand(wg_ptr + rows + offs_d[None, :], md_next, EMULATE_BF16)
+        if WITH_DY:
+            dyg_next = load_operand(dyg_ptr + rows + offs_d[None, :], md_next, EMULATE_BF16)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         d_in = cols < D
-        x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
+        md_in = m_in[:, None] & d_in[None, :]
+        if PREFETCH:
+            # This step's tiles arrived during the last one; ask for the next step's now (all
+            # masked off past D: nothing is read).
+            x = x_next.to(ACC)
+            wg = wg_next
+            more = d0 + BLOCK_D < D
+            x_next = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in & more,
+                                 cols + BLOCK_D, D, EVEN_D, x_dtype)
+            md_next = m_in[:, None] & (cols + BLOCK_D < D)[None, :]
+            wg_next = load_operand(wg_ptr + rows + (cols + BLOCK_D)[None, :], md_next,
+                                   EMULATE_BF16)
+            if WITH_DY:
+                dyg = dyg_next
+                dyg_next = load_operand(dyg_ptr + rows + (cols + BLOCK_D)[None, :], md_next,
+                                        EMULATE_BF16)
+        else:
+            x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
+            wg = load_operand(wg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
+            if WITH_DY:
+                dyg = load_operand(dyg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
         xk = x - k[:, None]
         if not EVEN_D:
             xk = tl.where(d_in[None, :], xk, 0.0)
@@ -306,12 +337,8 @@ def shifted_dots(
             s1 += tl.sum(xk, axis=1)
             s2 += tl.sum(xk * xk, axis=1)
         xk_t = tl.trans(as_operand(xk, DOT_DTYPE, EMULATE_BF16))
-
-        md_in = m_in[:, None] & d_in[None, :]
-        wg = load_operand(wg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
         acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
         if WITH_DY:
-            dyg = load_operand(dyg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
             acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
     return acc_s, acc_dp, s1, s2
 
@@ -332,7 +359,7 @@ def token_block_scores(
     c_s,                                # (BLOCK_M,) sum_d op(W g), `query_operand`
     offs_m, m_in, offs_n, n_in, D,
     scale, eps,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -362,7 +389,7 @@ def token_block_scores(
     k = shift_of_tokens(x0, offs_d, D, BLOCK_D)     # 0 for tokens not in n_in (zero rows)
     acc_s, _acc_dp, s1, s2 = shifted_dots(
         x_ptr, stride_xn, stride_xd, wg_ptr, wg_ptr, k, offs_m, m_in, offs_n, n_in, D,
-        BLOCK_D, EVEN_D, False, True, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+        BLOCK_D, EVEN_D, False, True, PREFETCH, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
     mean_rel = s1 / D                        # E[x - k] = mu - k
     var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)

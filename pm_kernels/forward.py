@@ -13,7 +13,8 @@ small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N token
      step of this sweep).
 Before the token loop it forms the score sweep's query operand op(W g) into a per-program
 scratch row (M x D in x's dtype, L2-resident) and reduces c_s = sum_d op(W g), which the scores
-need (`common.query_operand`); neither depends on the tokens. Sweep 2 re-reads the BLOCK_N x D
+need (`common.query_operand`, in steps wider than the token loops': `QUERY_BLOCK_D`, see
+`heuristics.prologue_block_d`); neither depends on the tokens. Sweep 2 re-reads the BLOCK_N x D
 slab that sweep 1 just brought on chip, so x comes from DRAM once. The accumulator acc (M x D
 fp32) is too big for registers at ViT widths, so between token blocks it lives in a
 per-program fp32 scratch row (L2-resident); when a program sees a single token block
@@ -90,6 +91,20 @@ def load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D:
 
 
 @triton.jit
+def _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first):
+    """The accumulator columns `cols` of this program's scratch row (M x D, row stride D), as the
+    previous token block left them; 0, with nothing read, for the first block and past D.
+
+    Sweep 2 loads each tile one step before it needs it: the scratch lives in L2, and a load
+    issued at the top of its own step stalled every step of every token block after a
+    program's first (24 per block at D = 768 with 32 columns) for a full L2 round trip, which
+    the x tiles, software-pipelined by Triton, do not. The tile is read by the threads that
+    wrote it (same pointer layout as the store in `_put_acc`)."""
+    return tl.load(acc_ptr + offs_m[:, None] * D + cols[None, :],
+                   mask=m_in[:, None] & (cols < D)[None, :] & not_first, other=0.0)
+
+
+@triton.jit
 def _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, b_ptr, pid_b,
              M, D, FINALIZE: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
              EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
@@ -128,6 +143,8 @@ def _forward_kernel(
     FINALIZE: tl.constexpr,                      # split == 1: write y and lse directly
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
+    QUERY_BLOCK_D: tl.constexpr,                 # columns per step of `query_operand`
+    PREFETCH: tl.constexpr,                      # score sweep a step ahead (`heuristics`)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
     RAW_PV: tl.constexpr,                        # bf16, no mask, M <= 32: sweep 2 may take x raw
@@ -148,9 +165,10 @@ def _forward_kernel(
 
     # The score sweep's query operand op(W g), formed once into this program's scratch row, and
     # c_s = sum_d op(W g), which undoes the token shift in the scores; the backward reads c_s
-    # (every program computes the same bits; the first one saves them).
+    # (every program computes the same bits; the first one saves them). In wide steps: the loop
+    # is latency, not bytes (`heuristics.prologue_block_d`).
     wg_ptr += row * M * D
-    c_s = query_operand(w_ptr, stride_wm, g_ptr, wg_ptr, offs_m, m_in, D, BLOCK_D, HAS_G,
+    c_s = query_operand(w_ptr, stride_wm, g_ptr, wg_ptr, offs_m, m_in, D, QUERY_BLOCK_D, HAS_G,
                         DOT_DTYPE, EMULATE_BF16, ACC)
     tl.debug_barrier()                               # op(W g) is read by other threads
     if SAVE_STATS:
@@ -165,7 +183,7 @@ def _forward_kernel(
         shift, mean_rel, rstd, sn = token_block_scores(
             x_ptr, stride_xn, stride_xd, wg_ptr, c_s,
             offs_m, m_in, offs_n, n_in, D, scale, eps,
-            BLOCK_D, EVEN_D, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
+            BLOCK_D, EVEN_D, PREFETCH, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
         if SAVE_STATS:
             st_ptrs = stats_ptr + pid_b * 3 * N + offs_n
             tl.store(st_ptrs, shift, mask=n_in)
@@ -196,27 +214,30 @@ def _forward_kernel(
         if RAW_PV and _raw_form_fits(k_v, r_v):
             q = as_operand(p * r_v[None, :], DOT_DTYPE, EMULATE_BF16)
             row_const = tl.sum(p * c_v[None, :] - q.to(ACC) * k_v[None, :], axis=1)
+            acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + offs_d
                 md_in = m_in[:, None] & (cols < D)[None, :]
                 x = load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D,
                                    EMULATE_BF16)
+                acc = acc_next
+                acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
                 acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
-                acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0)
                 acc = mma(q, x, acc * alpha[:, None] + row_const[:, None], INPUT_PRECISION, ACC)
                 _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, b_ptr,
                          pid_b, M, D, FINALIZE, HAS_G, HAS_B, EMULATE_BF16, ACC)
         else:
             p_op = as_operand(p, DOT_DTYPE, EMULATE_BF16)
+            acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + offs_d
                 md_in = m_in[:, None] & (cols < D)[None, :]
                 # Masked tokens are not read: their operand is 0 whatever their data.
                 x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, valid, cols, D, EVEN_D, ACC)
                 xhat = as_operand(normalize_tile(x, k_v, r_v, c_v), DOT_DTYPE, EMULATE_BF16)
-                # The first block of a program starts from acc = 0: the masked load reads nothing.
+                acc = acc_next
+                acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
                 acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
-                acc = tl.load(acc_ptrs, mask=md_in & not_first, other=0.0)
                 acc = mma(p_op, xhat, acc * alpha[:, None], INPUT_PRECISION, ACC)
                 _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, b_ptr,
                          pid_b, M, D, FINALIZE, HAS_G, HAS_B, EMULATE_BF16, ACC)
@@ -359,6 +380,8 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
         FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         EVEN_D=d % cfg.block_d == 0,
+        QUERY_BLOCK_D=heuristics.prologue_block_d(d, m, cfg.num_warps, cfg.block_d),
+        PREFETCH=heuristics.prefetch(cfg),
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
         RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None and cfg.block_m <= 32,

@@ -131,7 +131,8 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #      <= 168 with 4 warps (3 per SM), <= 255 with 4 warps (2 per SM).
 #   3. Bytes in flight per program. Latency hiding comes from each program's own loads:
 #      BLOCK_N x BLOCK_D elements per D step, times num_stages when the D sweep is
-#      software-pipelined. BLOCK_D = 64 of a 16-bit dtype (32 of fp32) is a 128-byte row, one
+#      software-pipelined, or two steps' worth where a one-stage score sweep loads a step
+#      ahead (`prefetch`). BLOCK_D = 64 of a 16-bit dtype (32 of fp32) is a 128-byte row, one
 #      cache line, read with 16-byte vector loads.
 #   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
@@ -282,6 +283,45 @@ def combine_config(d: int, m: int) -> Config:
 def backward_config(b: int, n: int, d: int, m: int, dtype: torch.dtype,
                     device: torch.device) -> Config:
     return _token_config(_BACKWARD_TILES, b, n, d, m, dtype, device, backward=True)
+
+
+def prefetch(cfg: Config) -> bool:
+    """Whether a token kernel's score sweep loads each step's tiles one step ahead, in
+    registers (`common.shifted_dots`): where Triton does not software-pipeline it (one stage)
+    and the query-side tiles are small. The sweep is the first touch of x, a DRAM round trip
+    per step otherwise (12 per backward program at ViT-B/16). At BLOCK_M >= 128 the extra
+    BLOCK_M x BLOCK_D operand tiles spilled (32-450 B on sm_80, audit of 2026-12-01)."""
+    return cfg.num_stages == 1 and cfg.block_m <= 64
+
+
+# Loops over D that touch no token: the forward's query operand op(W g) (`common.query_operand`,
+# once per program before its token loop) and the backward's `_delta_kernel` (once per batch
+# element). Each step is a load, some arithmetic and a store, and nothing else in the program
+# can run meanwhile: the loop costs a memory round trip per step, not bandwidth (W, g and dy
+# sit in L2; 12 KB of W at ViT-B/16). At the token kernels' 32- or 64-column tiles that was
+# 24 / 12 serial round trips per program at D = 768, about 10 us on an H100 at ~0.4 us per L2
+# trip, as long as a third of the forward's token loop. Wider tiles cut the trips: up to 16
+# elements per thread of a BLOCK_M x BLOCK_D tile (3 steps at D = 768 for M <= 16).
+PROLOGUE_ELEMS_PER_THREAD = 16
+
+
+def prologue_block_d(d: int, m: int, num_warps: int, token_block_d: int) -> int:
+    """BLOCK_D of a token-free loop over D (see above) in a kernel of `num_warps` warps whose
+    token loops use `token_block_d` columns. The interpreter keeps `token_block_d`, so the
+    tests' small D still cross tile boundaries in these loops."""
+    if interpreting():
+        return token_block_d
+    most = PROLOGUE_ELEMS_PER_THREAD * 32 * num_warps // block_m(m)
+    return max(token_block_d, min(next_pow2(d), most))
+
+
+def delta_config(d: int, m: int, bwd: Config) -> Config:
+    """`_delta_kernel` (one program per batch element, two token-free sweeps over D): 8 warps
+    and `prologue_block_d` columns (256 for M <= 16), 3 steps per sweep at D = 768. (With the
+    backward's 4 warps and 64 columns it took 12, at 161 + 121 SASS instructions per warp and
+    step on sm_90; 230 + 231 for 128 columns.)"""
+    warps = 4 if interpreting() else 8
+    return Config(bwd.block_m, 1, prologue_block_d(d, m, warps, bwd.block_d), 1, warps, 1)
 
 
 def _fp32_matmul_precision() -> str:

@@ -91,3 +91,33 @@ def test_paper_backward_tile_keeps_three_programs_per_sm(dtype, m, monkeypatch):
     cfg = heuristics.backward_config(256, 196, 768, m, dtype, torch.device("cpu"))
     assert cfg.maxnreg is not None, cfg
     assert cfg.maxnreg * cfg.num_warps * 32 * 3 <= 65536, cfg
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 33, 64, 128, 256])
+@pytest.mark.parametrize("d", [16, 100, 768, 1280, 4096])
+def test_token_free_loops_take_wide_bounded_steps(d, m, monkeypatch):
+    """The forward's query-operand loop and the delta kernel are a memory round trip per step:
+    on a GPU they step wider than the token loops (3 steps at ViT-B/16), but never past 16
+    elements per thread of a BLOCK_M x BLOCK_D tile (registers), never narrower than the token
+    loops, never wider than D needs, and always a power of two (tl.arange)."""
+    monkeypatch.setattr(heuristics, "_INTERPRETING", False)
+    monkeypatch.setattr(heuristics, "num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    for dtype in (torch.bfloat16, torch.float32):
+        fwd = heuristics.forward_config(256, 196, d, m, dtype, dev)
+        bwd = heuristics.backward_config(256, 196, d, m, dtype, dev)
+        delta = heuristics.delta_config(d, m, bwd)
+        for warps, token_bd, bd in (
+                (fwd.num_warps, fwd.block_d,
+                 heuristics.prologue_block_d(d, m, fwd.num_warps, fwd.block_d)),
+                (delta.num_warps, bwd.block_d, delta.block_d)):
+            assert bd & (bd - 1) == 0 and bd >= token_bd, (bd, token_bd)
+            assert bd <= max(token_bd, heuristics.next_pow2(d)), bd
+            assert (bd == token_bd
+                    or heuristics.block_m(m) * bd <= 16 * 32 * warps), (m, bd, warps)
+        assert delta.block_m == bwd.block_m
+    if (d, m) == (768, 8):                          # ViT-B/16 in bf16: 3 steps each
+        fwd = heuristics.forward_config(256, 196, d, m, torch.bfloat16, dev)
+        bwd = heuristics.backward_config(256, 196, d, m, torch.bfloat16, dev)
+        assert heuristics.prologue_block_d(d, m, fwd.num_warps, fwd.block_d) == 256
+        assert heuristics.delta_config(d, m, bwd).block_d == 256

@@ -210,6 +210,26 @@ def test_backward_with_tiles_other_than_the_forwards(device):
     check_against_reference(x, q, g, b, dy, ours)
 
 
+@pytest.mark.parametrize("width", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_free_loops_in_their_own_tile_width(width, dtype, device, monkeypatch):
+    """On a GPU the loops over D that touch no token (the forward's query operand, the
+    backward's delta kernel) take wider steps than the token loops
+    (`heuristics.prologue_block_d`); the interpreter keeps them equal. Here they differ both
+    ways: narrower, and wider than D (one masked step). The forward's c_s is summed in those
+    steps and the backward reads it, so the two must agree with each other too."""
+    monkeypatch.setattr(heuristics, "prologue_block_d", lambda d, m, warps, token_bd: width)
+    x, q, g, b, dy = make_inputs((2,), 40, 72, 5, dtype, device=device)
+    cfg = heuristics.Config(16, 16, 32, split=2)
+    out = patch_merger_forward(x, q, g, b, 1e-5, 0.3, config=cfg, save_stats=True)
+    qsum = (q.float() * g.float()).to(x.dtype).double().sum(-1)
+    torch.testing.assert_close(out.qsum.double(), qsum, rtol=1e-6, atol=1e-6)
+
+    def ours(x_, q_, g_, b_):
+        return _ForcedConfigFn.apply(x_, q_, g_, b_, cfg)
+    check_against_reference(x, q, g, b, dy, ours)
+
+
 @pytest.mark.parametrize("cfg", [None, heuristics.Config(16, 16, 32, split=3)],
                          ids=["heuristics", "split3"])
 def test_saved_statistics_are_the_layernorm_statistics(cfg, device):
