@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from bench.tune import EPS, SHAPES
+from bench.tune import EPS, SHAPES, make_inputs
 
 MODES = ("forward", "backward", "fwd+bwd")
 
@@ -74,14 +74,8 @@ def _calls(shape: str, dev: torch.device, dtype: torch.dtype) -> dict:
     from pm_kernels.backward import patch_merger_backward
     from pm_kernels.forward import patch_merger_forward
 
-    b, n, d, m = SHAPES[shape]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(b, n, d, generator=g).to(dev, dtype)
-    q = (torch.randn(m, d, generator=g) * d ** -0.5).to(dev, dtype)
-    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dtype)
-    bias = (0.1 * torch.randn(d, generator=g)).to(dev, dtype)
-    dy = torch.randn(b, m, d, generator=g).to(dev, dtype)
-    scale = d ** -0.5
+    x, q, w, bias, dy = make_inputs(shape, dev, dtype)
+    scale = x.shape[-1] ** -0.5
     y, lse, stats, qsum, _ = patch_merger_forward(x, q, w, bias, EPS, scale, save_stats=True)
     params = [t.detach().requires_grad_() for t in (x, q, w, bias)]
 

@@ -60,6 +60,19 @@ BACKWARD_TILES = [
 ]
 
 
+def make_inputs(shape: str, dev: torch.device, dtype: torch.dtype):
+    """(x, queries, weight, bias, dy) of a named shape, seeded: the same tensors in every
+    script that times the kernels (`bench.tune`, `bench.profile`)."""
+    b, n, d, m = SHAPES[shape]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, n, d, generator=g).to(dev, dtype)
+    q = (torch.randn(m, d, generator=g) * d ** -0.5).to(dev, dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dtype)
+    bias = (0.1 * torch.randn(d, generator=g)).to(dev, dtype)
+    dy = torch.randn(b, m, d, generator=g).to(dev, dtype)
+    return x, q, w, bias, dy
+
+
 def _splits(b, n, bn, sms):
     """split 1, one token block per program, and the heuristic's middle ground."""
     blocks = -(-n // bn)
@@ -114,12 +127,7 @@ def main(argv=None) -> int:
     for i, (shape, kernel) in enumerate(jobs):
         b, n, d, m = SHAPES[shape]
         deadline = t_start + a.budget * (i + 1) / len(jobs)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(b, n, d, generator=g).to(dev, dtype)
-        q = (torch.randn(m, d, generator=g) * d ** -0.5).to(dev, dtype)
-        w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dtype)
-        bias = (0.1 * torch.randn(d, generator=g)).to(dev, dtype)
-        dy = torch.randn(b, m, d, generator=g).to(dev, dtype)
+        x, q, w, bias, dy = make_inputs(shape, dev, dtype)
         scale = d ** -0.5
         y, lse, stats, qsum, _ = patch_merger_forward(x, q, w, bias, EPS, scale, save_stats=True)
         if kernel == "forward":
