@@ -95,10 +95,10 @@ def _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first):
     """The accumulator columns `cols` of this program's scratch row (M x D, row stride D), as the
     previous token block left them; 0, with nothing read, for the first block and past D.
 
-    Sweep 2 loads each tile one step before it needs it: the scratch lives in L2, and a load
-    issued at the top of its own step stalled every step of every token block after a
-    program's first (24 per block at D = 768 with 32 columns) for a full L2 round trip, which
-    the x tiles, software-pipelined by Triton, do not. The tile is read by the threads that
+    Sweep 2 loads each tile one step before it needs it (ACC_AHEAD, `heuristics.acc_ahead`):
+    the scratch lives in L2, and a load issued at the top of its own step stalled every step
+    of every token block after a program's first (24 per block at D = 768 with 32 columns)
+    for a full L2 round trip, which the x tiles, software-pipelined by Triton, do not. The tile is read by the threads that
     wrote it (same pointer layout as the store in `_put_acc`)."""
     return tl.load(acc_ptr + offs_m[:, None] * D + cols[None, :],
                    mask=m_in[:, None] & (cols < D)[None, :] & not_first, other=0.0)
@@ -145,6 +145,7 @@ def _forward_kernel(
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     QUERY_BLOCK_D: tl.constexpr,                 # columns per step of `query_operand`
     PREFETCH: tl.constexpr,                      # score sweep a step ahead (`heuristics`)
+    ACC_AHEAD: tl.constexpr,                     # sweep 2's acc tile a step ahead (`_acc_tile`)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
     RAW_PV: tl.constexpr,                        # bf16, no mask, M <= 32: sweep 2 may take x raw
@@ -214,29 +215,37 @@ def _forward_kernel(
         if RAW_PV and _raw_form_fits(k_v, r_v):
             q = as_operand(p * r_v[None, :], DOT_DTYPE, EMULATE_BF16)
             row_const = tl.sum(p * c_v[None, :] - q.to(ACC) * k_v[None, :], axis=1)
-            acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
+            if ACC_AHEAD:
+                acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + offs_d
                 md_in = m_in[:, None] & (cols < D)[None, :]
                 x = load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D,
                                    EMULATE_BF16)
-                acc = acc_next
-                acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
+                if ACC_AHEAD:
+                    acc = acc_next
+                    acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
+                else:
+                    acc = _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first)
                 acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
                 acc = mma(q, x, acc * alpha[:, None] + row_const[:, None], INPUT_PRECISION, ACC)
                 _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, b_ptr,
                          pid_b, M, D, FINALIZE, HAS_G, HAS_B, EMULATE_BF16, ACC)
         else:
             p_op = as_operand(p, DOT_DTYPE, EMULATE_BF16)
-            acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
+            if ACC_AHEAD:
+                acc_next = _acc_tile(acc_ptr, offs_m, m_in, offs_d, D, not_first)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + offs_d
                 md_in = m_in[:, None] & (cols < D)[None, :]
                 # Masked tokens are not read: their operand is 0 whatever their data.
                 x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, valid, cols, D, EVEN_D, ACC)
                 xhat = as_operand(normalize_tile(x, k_v, r_v, c_v), DOT_DTYPE, EMULATE_BF16)
-                acc = acc_next
-                acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
+                if ACC_AHEAD:
+                    acc = acc_next
+                    acc_next = _acc_tile(acc_ptr, offs_m, m_in, cols + BLOCK_D, D, not_first)
+                else:
+                    acc = _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first)
                 acc_ptrs = acc_ptr + offs_m[:, None] * D + cols[None, :]
                 acc = mma(p_op, xhat, acc * alpha[:, None], INPUT_PRECISION, ACC)
                 _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, b_ptr,
@@ -381,7 +390,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         EVEN_D=d % cfg.block_d == 0,
         QUERY_BLOCK_D=heuristics.prologue_block_d(d, m, cfg.num_warps, cfg.block_d),
-        PREFETCH=heuristics.prefetch(cfg),
+        PREFETCH=heuristics.prefetch(cfg), ACC_AHEAD=heuristics.acc_ahead(cfg),
         HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
         RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
         RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None and cfg.block_m <= 32,

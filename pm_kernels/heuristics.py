@@ -161,7 +161,7 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # backward (4 B, at 252-255 registers; not a paper M). The BLOCK_M = 32 / 128 forward and the
 # BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to save
 # statistics. fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
-# (392-396 B) and 4 B in some BLOCK_M = 16 / 32 variants on sm_80 -- large M is better run in
+# (388-392 B) and 4 B in some BLOCK_M = 32 variants on sm_90 -- large M is better run in
 # bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
@@ -183,18 +183,18 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (and M = 1).
-    16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 126-128 / 124-128 | 128-164 / 127-162
-    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 102-127 / 104-128 | 158-166 / 155-166
-    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 102-125 | 218-232 / 210-221
+    16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 128 / 124-128 | 153-168 / 154-166
+    32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 120-128 | 158-168 / 158-167
+    64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 104-125 | 218-234 / 210-223
     128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 120-152 / 106-128 | 110-128 / 106-128
     256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-116 | 188-214 / 171-194
 }
 _BACKWARD_TILES = {
-    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 150-168 / 148-168 | 64-102, 4 B / 64-102
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 168-244 / 157-240 | 168, 4 B / 152-168
-    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 212-245 / 180-231 | 223-255 / 215-237
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 252-255, 4 B / 202-241 | 226-245 / 217-232
-    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 204-250 / 174-220 | 255, spills 396 / 392 B
+    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 148-168 / 142-168 | 76-127 / 98-128
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 214-247 / 209-243 | 168-212 / 157-168, 4 B
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 219-247 / 195-254 | 237-255 / 213-239
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 252-255, 4 B / 213-241 | 224-245 / 213-232
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 206-254 / 174-220 | 255, spills 388 / 392 B
 }
 
 
@@ -292,6 +292,15 @@ def prefetch(cfg: Config) -> bool:
     per step otherwise (12 per backward program at ViT-B/16). At BLOCK_M >= 128 the extra
     BLOCK_M x BLOCK_D operand tiles spilled (32-450 B on sm_80, audit of 2026-12-01)."""
     return cfg.num_stages == 1 and cfg.block_m <= 64
+
+
+def acc_ahead(cfg: Config) -> bool:
+    """Whether the forward's second sweep loads its accumulator scratch tile a step ahead
+    (`forward._acc_tile`): an extra BLOCK_M x BLOCK_D fp32 tile in registers, 2 per thread at
+    the paper's M. At BLOCK_M = 64 it took the 8-warp kernel to 130 registers (one program per
+    SM instead of two), at BLOCK_M >= 128 ptxas held the kernels at 128 and spilled 8-20 B on
+    sm_80/100/120 (audit of 2026-12-01)."""
+    return cfg.block_m <= 32
 
 
 # Loops over D that touch no token: the forward's query operand op(W g) (`common.query_operand`,
