@@ -309,7 +309,6 @@ def shifted_dots(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         d_in = cols < D
-        md_in = m_in[:, None] & d_in[None, :]
         if PREFETCH:
             # This step's tiles arrived during the last one; ask for the next step's now (all
             # masked off past D: nothing is read).
@@ -327,6 +326,7 @@ def shifted_dots(
                                         EMULATE_BF16)
         else:
             x = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, cols, D, EVEN_D, ACC)
+            md_in = m_in[:, None] & d_in[None, :]
             wg = load_operand(wg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)
             if WITH_DY:
                 dyg = load_operand(dyg_ptr + rows + cols[None, :], md_in, EMULATE_BF16)

@@ -98,8 +98,8 @@ def _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first):
     Sweep 2 loads each tile one step before it needs it (ACC_AHEAD, `heuristics.acc_ahead`):
     the scratch lives in L2, and a load issued at the top of its own step stalled every step
     of every token block after a program's first (24 per block at D = 768 with 32 columns)
-    for a full L2 round trip, which the x tiles, software-pipelined by Triton, do not. The tile is read by the threads that
-    wrote it (same pointer layout as the store in `_put_acc`)."""
+    for a full L2 round trip, which the x tiles, software-pipelined by Triton, do not. The tile
+    is read by the threads that wrote it (same pointer layout as the store in `_put_acc`)."""
     return tl.load(acc_ptr + offs_m[:, None] * D + cols[None, :],
                    mask=m_in[:, None] & (cols < D)[None, :] & not_first, other=0.0)
 
