@@ -74,15 +74,14 @@ def make_inputs(shape: str, dev: torch.device, dtype: torch.dtype):
 
 
 def _splits(b, n, bn, sms):
-    """split 1, one token block per program, and the heuristic's middle ground."""
+    """split 1, one token block per program, and the heuristic's middle ground, each as the
+    number of programs the launchers run for it (`heuristics.token_split`: two nominal splits
+    that launch the same grid are timed once)."""
     blocks = -(-n // bn)
-    out = [1, blocks]
-    mid = heuristics._split(b, n, bn, sms)
-    if mid not in out:
-        out.append(mid)
-    if blocks >= 4 and (blocks // 2) not in out:
+    out = [1, blocks, heuristics._split(b, n, bn, sms)]
+    if blocks >= 4:
         out.append(blocks // 2)
-    return sorted(set(out))
+    return sorted({heuristics.token_split(n, s, bn)[0] for s in out})
 
 
 def candidates(kernel: str, default: Config, b: int, n: int, m: int, dtype: torch.dtype,

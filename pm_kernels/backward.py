@@ -288,17 +288,6 @@ def _backward_kernel(
                          ACC)
                 tl.store(dw_ptrs, dw, mask=md_in)
 
-    if n_start >= n_end:
-        # A program with no tokens still owns a partial row: make it zero.
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + offs_d
-            d_in = cols < D
-            if NEED_DW:
-                tl.store(dw_part_ptr + offs_m[:, None] * D + cols[None, :],
-                         tl.zeros((BLOCK_M, BLOCK_D), ACC), mask=m_in[:, None] & d_in[None, :])
-            if NEED_DG:
-                tl.store(dg_part_ptr + cols, tl.zeros((BLOCK_D,), ACC), mask=d_in)
-
 
 def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, scale, mask=None,
                           config=None, needs=(True, True, True, True)):
@@ -347,8 +336,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     if not need_tokens:
         return None, None, None, db
 
-    split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
-    tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
+    split, tokens_per_split = heuristics.token_split(n, cfg.split, cfg.block_n)
     parts = bsz * split
     # Outputs not needed are not allocated: the kernel gets `delta` as a placeholder pointer
     # and never touches it (NEED_* = False).

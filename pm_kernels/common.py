@@ -154,7 +154,8 @@ def hi_lo(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def token_range(N, tokens_per_split):
-    """[start, end) of the tokens this program owns: slice program_id(1) of its batch element."""
+    """[start, end) of the tokens this program owns: slice program_id(1) of its batch element,
+    never empty (the launchers' grids come from `heuristics.token_split`)."""
     n_start = tl.program_id(1) * tokens_per_split
     return n_start, tl.minimum(N, n_start + tokens_per_split)
 

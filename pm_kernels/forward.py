@@ -255,8 +255,8 @@ def _forward_kernel(
         _inv_l, _has, lse = softmax_normalizers(m_i, l_i)
         tl.store(lse_ptr + pid_b * M + offs_m, lse, mask=m_in)
     else:
-        # A split whose token range is empty stores (m, l) = (-inf, 0) and no acc: the combine
-        # kernel never reads the acc of a partial with l = 0.
+        # Every program owns tokens (`heuristics.token_split`) and has written its acc; one whose
+        # tokens are all masked out stores (m, l) = (-inf, 0), which the combine kernel skips.
         tl.store(ml_ptr + row * 2 * M + offs_m, m_i, mask=m_in)
         tl.store(ml_ptr + row * 2 * M + M + offs_m, l_i, mask=m_in)
 
@@ -294,7 +294,7 @@ def _combine_kernel(
         l_s = tl.load(ml_ptr + s * 2 * M + M + offs_m, mask=m_in, other=0.0)
         w_s = tl.exp2(m_s - m_base)
         big_l += w_s * l_s
-        # Skip only partials that saw no token (l = 0, acc never written). A NaN l_s (a NaN
+        # Skip only partials that saw no unmasked token (l = 0, weight 0). A NaN l_s (a NaN
         # token in this split) must be read: with `l_s > 0` its NaN acc was dropped and y came
         # out 0 instead of NaN.
         part = tl.load(acc_ptr + (s * M + offs_m[:, None]) * D + cols[None, :],
@@ -363,8 +363,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
               if return_scores else None)
     stats = torch.empty((bsz, 3, n), dtype=acc_torch, device=x.device) if save_stats else None
     qsum = torch.empty((m,), dtype=acc_torch, device=x.device) if save_stats else None
-    split = max(1, min(cfg.split, heuristics.cdiv(n, cfg.block_n)))
-    tokens_per_split = heuristics.cdiv(heuristics.cdiv(n, split), cfg.block_n) * cfg.block_n
+    split, tokens_per_split = heuristics.token_split(n, cfg.split, cfg.block_n)
     needs_scratch = split > 1 or n > cfg.block_n
     acc = (torch.empty((bsz, split, m, d), dtype=acc_torch, device=x.device)
            if needs_scratch else lse)

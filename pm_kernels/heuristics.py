@@ -90,6 +90,19 @@ def _block_d(d: int, elem_bytes: int, cap: int) -> int:
     return max(16, min(cap, next_pow2(d)))
 
 
+def token_split(n: int, split: int, block_n: int) -> tuple[int, int]:
+    """(programs, tokens per program) with which a launcher partitions one batch element's N
+    tokens for a config of `split` programs: tokens per program a whole number of BLOCK_N blocks
+    (a token block never straddles two programs), and no program without tokens. Rounding up to
+    whole blocks can leave the last of the `split` programs nothing to do -- 196 tokens in
+    32-token blocks over 6 programs is 64 tokens each, and the last two would own none --
+    and such a program still costs a launch slot and a zero partial row (M x D fp32 in the
+    backward) that the final sums read back; those programs are not launched."""
+    s = max(1, min(split, cdiv(n, block_n)))
+    per = max(1, cdiv(cdiv(n, s), block_n)) * block_n
+    return max(1, cdiv(n, per)), per
+
+
 def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None) -> int:
     """How many programs share one batch element's tokens: enough programs to fill the device
     twice over, but at least two token blocks per program (fewer would make the split's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .heuristics import MAX_M
 from .ops import patch_merger
 
 __all__ = ["PatchMerger"]
@@ -19,7 +20,7 @@ class PatchMerger(nn.Module):
 
     Args:
         dim: model width D.
-        num_tokens_out: M, the number of merged tokens (1 to 256).
+        num_tokens_out: M, the number of merged tokens (at most 256).
         eps: LayerNorm epsilon.
         scale: score scale; None means dim ** -0.5 (as in vit-pytorch).
         elementwise_affine: give the LayerNorm a weight (and a bias unless `bias=False`).
@@ -32,6 +33,14 @@ class PatchMerger(nn.Module):
     def __init__(self, dim: int, num_tokens_out: int, *, eps: float = 1e-5, scale=None,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None):
         super().__init__()
+        # Checked here, not at the first forward, where a (300, D) `queries` would fail far from
+        # the cause. M = 0 is allowed: the op defines it (empty outputs, like torch's empty ops).
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if (isinstance(num_tokens_out, bool) or not isinstance(num_tokens_out, int)
+                or not 0 <= num_tokens_out <= MAX_M):
+            raise ValueError(f"num_tokens_out must be an int in [0, {MAX_M}], "
+                             f"got {num_tokens_out!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.num_tokens_out = num_tokens_out

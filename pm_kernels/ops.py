@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -35,8 +36,11 @@ from .heuristics import FP64_MAX_M, MAX_M, interpreting
 __all__ = ["patch_merger", "use_backend", "set_backend", "get_backend"]
 
 _BACKENDS = ("auto", "triton", "reference")
-_backend = os.environ.get("PM_KERNELS_BACKEND", "auto")
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_backend = os.environ.get("PM_KERNELS_BACKEND", "auto")
+if _backend not in _BACKENDS:     # a typo would otherwise run "auto" without a word
+    raise ValueError(f"the environment variable PM_KERNELS_BACKEND must be one of {_BACKENDS}, "
+                     f"got {_backend!r}")
 
 
 def set_backend(name: str) -> None:
@@ -136,13 +140,27 @@ def validate(x, queries, weight, bias, mask, eps, scale):
         if mask.dim() < 1 or mask.shape[-1] != lead[-1] or not _broadcastable(mask.shape, lead):
             raise ValueError(f"mask must have shape (..., N) broadcastable to {tuple(lead)}, "
                              f"got {tuple(mask.shape)}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    # Plain comparisons, not math.isfinite: torch.compile(dynamic=True) cannot trace the latter
+    # (a graph break, an error under fullgraph=True). Both also reject NaN.
+    eps = _real("eps", eps)
+    if not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if scale is None:
-        scale = d ** -0.5
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    scale = d ** -0.5 if scale is None else _real("scale", scale, "or None")
+    if not -math.inf < scale < math.inf:
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return scale
+
+
+def _real(name, v, alternative=""):
+    """v as a Python float: ints, floats and NumPy scalars are fine; bools, tensors and the
+    like are not (a 0-d tensor would need a device sync to read)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number{' ' + alternative if alternative else ''},"
+                        f" got {type(v).__name__}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {v!r}") from None
 
 
 def _broadcastable(shape, target):
@@ -261,10 +279,14 @@ class _EagerFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dlse, _dstats, _dqsum, _dp):
-        # The Triton backward is not itself differentiable: double backward (create_graph=True)
-        # raises instead of silently returning gradients without a graph.
+        # The Triton backward is not itself differentiable. Autograd runs a backward with grad
+        # mode on exactly when create_graph=True: refuse there, whether or not dy requires grad
+        # (`once_differentiable` raised only when it did, and otherwise returned gradients
+        # without a graph: a gradient penalty through this op was silently dropped).
+        if torch.is_grad_enabled():
+            raise RuntimeError("pm_kernels.patch_merger does not support double backward "
+                               "(backward with create_graph=True)")
         x, queries, weight, bias, mask, y, lse, stats, qsum = ctx.saved_tensors
         dx, dq, dg, db = patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum,
                                                ctx.scale, mask, needs=ctx.needs_input_grad[:4])

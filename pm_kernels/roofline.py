@@ -123,11 +123,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def token_ranges(n: int, split: int, block_n: int) -> list[tuple[int, int]]:
-    """(tokens, token blocks) of each of the `split` programs of one batch element, exactly as
-    the launchers partition the token axis (a trailing program may get no tokens)."""
-    per = heuristics.cdiv(heuristics.cdiv(n, split), block_n) * block_n
+    """(tokens, token blocks) of each program of one batch element for a config of `split`
+    programs, exactly as the launchers partition the token axis (`heuristics.token_split`:
+    whole token blocks, and only programs that own tokens)."""
+    programs, per = heuristics.token_split(n, split, block_n)
     out = []
-    for s in range(split):
+    for s in range(programs):
         tokens = max(0, min(n, (s + 1) * per) - s * per)
         out.append((tokens, heuristics.cdiv(tokens, block_n)))
     return out
@@ -147,8 +148,7 @@ def _resolve(kind: str, b, n, d, m, dtype, config, device, sms) -> tuple[Config,
             split = heuristics.split_rule(kind == "backward", b, n, m, config.block_m,
                                           config.block_n, dtype.itemsize, sms)
             config = dataclasses.replace(config, split=split)
-    split = max(1, min(config.split, heuristics.cdiv(n, config.block_n)))
-    return config, split
+    return config, heuristics.token_split(n, config.split, config.block_n)[0]
 
 
 def forward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.float16, *,
@@ -250,7 +250,7 @@ def backward_bytes(b: int, n: int, d: int, m: int, dtype: torch.dtype = torch.fl
     row = m * d * acc
     vec_rows = 1 if affine else 0                    # dg partial rows (D each)
     # Partial rows: read-modify-write for every token block after the first (L2), the last
-    # write of each row is the partial that torch.sum reads (DRAM). Empty programs write zeros.
+    # write of each row is the partial that torch.sum reads (DRAM).
     rmw = sum(max(nb - 1, 0) for _, nb in ranges)
     scratch = b * rmw * 2 * (row + vec_rows * d * acc)
     partial = parts * (row + vec_rows * d * acc)

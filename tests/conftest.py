@@ -16,6 +16,10 @@ DEVICE = os.environ.get("PM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available(
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_CACHE_DIR", str(_ROOT / ".triton_cache"))
+# The op's backend is "auto" (the Triton kernels on CUDA tensors and under the interpreter):
+# an inherited PM_KERNELS_BACKEND=reference would turn every test that calls the public op
+# without `use_backend("triton")` into the reference compared with itself.
+os.environ.pop("PM_KERNELS_BACKEND", None)
 # torch.compile's on-disk caches (shared by every checkout of a user, in /tmp) key a compiled
 # graph by its code, not by the schemas of the custom ops it calls: after pm_kernels::bwd lost an
 # argument, a cached backward graph still called it the old way. A fresh cache per test session.
@@ -23,7 +27,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pm_ker
 
 import pytest  # noqa: E402
 
-import pm_kernels  # noqa: E402,F401  (decorate the kernels under the settings above)
+from pm_kernels import heuristics  # noqa: E402  (decorates the kernels under the settings above)
+
+assert heuristics.interpreting() == (DEVICE == "cpu"), (
+    f"tests on {DEVICE} need the kernels {'in' if DEVICE == 'cpu' else 'outside'} Triton's "
+    "interpreter: TRITON_INTERPRET was set otherwise, or pm_kernels was imported before conftest")
 
 
 @pytest.fixture

@@ -51,6 +51,24 @@ def test_fp32_input_precision_under_the_per_backend_api(new, expected):
         torch.backends.cuda.matmul.fp32_precision = "none"
 
 
+def test_token_split_launches_no_program_without_tokens():
+    """The launchers' grid: whole token blocks per program, every token owned by exactly one
+    program, never more programs than asked, and none that owns nothing (such a program would
+    still write a partial row that the final sums read)."""
+    for bn in (16, 32, 128):
+        for n in range(1, 300):
+            blocks = heuristics.cdiv(n, bn)
+            for split in range(1, 24):
+                programs, per = heuristics.token_split(n, split, bn)
+                assert per % bn == 0 and 1 <= programs <= min(split, blocks), (n, split, bn)
+                assert (programs - 1) * per < n <= programs * per, (n, split, bn)
+                # as balanced as whole blocks allow: no program takes more blocks than needed
+                assert per // bn == heuristics.cdiv(blocks, min(split, blocks)), (n, split, bn)
+    # The A100 backward at ViT-B/16 (split capped at 6 for 7 token blocks of 32): 4 programs
+    # of 64 tokens; 6 would have left two of them without a token.
+    assert heuristics.token_split(196, 6, 32) == (4, 64)
+
+
 @pytest.mark.parametrize("b, n, m", [(256, 196, 8), (8, 4096, 8), (1, 1024, 16), (256, 197, 1)])
 def test_split_rule_is_what_the_gpu_configs_use(b, n, m, monkeypatch):
     """roofline counts bytes with `split_rule`; the GPU configs must use exactly that rule."""

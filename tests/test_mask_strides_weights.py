@@ -136,24 +136,29 @@ def single_live_token_allowance(x, q, g, b, dy, *, eps, scale, mask):
 def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask):
     """Extra error per gradient from the fused backward's softmax-backward preprocess, any N.
 
-    ds = p * (dp' - Delta') needs sum_n ds = 0 (sum_n p = 1); PyTorch gets it to the last bit by
+    ds = p * (dp - Delta) needs sum_n ds = 0 (sum_n p = 1); PyTorch gets it to the last bit by
     forming Delta = sum_n p dp from the very dp it subtracts it from. The fused backward takes
     Delta' = sum_d dy (y - b) from the stored y (flash-attention's preprocess) and recomputes dp'
     in the single-sweep score pass (common.token_block_scores), whose dot operands are x - k
     (k: a per-token shift) rounded to x's dtype. The two disagree by the rounding noise of a
     D-term dot product with operands rounded to x's dtype, estimated here as
-        |delta Delta'_m| <= 8 ulp * max_n || dy_m * g * xhat_n ||_2
+        |dDelta_bm| <= 8 ulp * max_n || dy_bm * g * xhat_bn ||_2
     (independent roundings add up like a random walk, hence the 2-norm; |x - k| r <= 2 |xhat|
-    and a safety factor of 2 give the 8), and spread over the tokens as p * delta Delta'.
+    and a safety factor of 2 give the 8). The fused backward then uses ds' = ds - p dDelta,
+    so, to first order and entry by entry (b: batch element, summed where a gradient sums):
+        dqueries_md: scale |g_d| sum_b dDelta_bm |(p @ xhat)_bmd|   (dW = scale g ds @ xhat)
+        dxn_bnd:     scale sum_m p_bmn dDelta_bm |W_md|              (dxn = p^T dy + scale ds^T W)
+        dweight_d:   sum_bn dxn_bnd |xhat_bnd|
+        dx_bnd:      r_bn (|g_d| dxn_bnd + mean_d |g| dxn_bn + |xhat_bnd| mean_d |g| dxn_bn |xhat_bn|)
+                     (summed over the dims that x's view expands, which sum into one dx)
+        dbias:       0: the fused backward takes db = sum_m dy_m (sum_n p = 1) from the delta
+                     kernel and never sums dxn for it.
     That error is invisible next to PyTorch's own where the score-path gradients are large, and
     dominates where they are structurally ~0 (dy constant along D, e.g. y.sum().backward(), with
-    g ~ 1: dp' = sum_d g xhat ~ 0; a (near) one-hot softmax; a single live token). Propagated:
-        dqueries <= scale max|g| max|xhat| sum_m dDelta_m          (dW = scale g ds @ xhat)
-        dxn_n    <= scale max|W| sum_m p_mn dDelta_m                 (dxn = p^T dy + scale ds^T W)
-        dbias <= sum_n dxn_n,  dweight <= max|xhat| sum_n dxn_n,
-        dx_n <= r_n max|g| dxn_n (2 + max|xhat|)
-    summed over the batch (and over an expanded batch for dx)."""
-    d, n, m = x.shape[-1], x.shape[-2], q.shape[0]
+    g ~ 1: dp' = sum_d g xhat ~ 0; a (near) one-hot softmax; a single live token). Until
+    2026-12-01 each gradient took the product of the maxima of these factors, summed over the
+    queries too: in bf16 that exceeded the gradients themselves (a zeroed dqueries passed)."""
+    d, m = x.shape[-1], q.shape[0]
     scale = d ** -0.5 if scale is None else scale
     x64 = x.double()
     g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64, device=x.device)
@@ -166,16 +171,23 @@ def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask):
     p = reference.patch_merger_weights(x64, q.double(), g64,
                                        b.double() if b is not None else None, eps=eps,
                                        scale=scale, mask=mask)                  # (..., M, N)
-    xhat_max = xhat.abs().amax(dim=(-1, -2))                                   # (...,)
-    gmax = g64.abs().max().item()
-    dxn = scale * q.abs().max().item() * (p * ddelta.unsqueeze(-1)).sum(-2)     # (..., N)
-    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt()                         # (..., N)
+    lead = tuple(range(x.dim() - 2))
+    dq = scale * g64.abs() * ddelta.unsqueeze(-1) * (p @ xhat).abs()           # (..., M, D)
+    dxn = scale * torch.einsum("...mn,md->...nd", p * ddelta.unsqueeze(-1),
+                               q.double().abs())                               # (..., N, D)
+    gdxn = g64.abs() * dxn
+    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt().unsqueeze(-1)           # (..., N, 1)
+    dx = rstd * (gdxn + gdxn.mean(-1, keepdim=True)
+                 + xhat.abs() * (gdxn * xhat.abs()).mean(-1, keepdim=True))    # (..., N, D)
+    expanded = tuple(i for i in range(x.dim()) if x.stride(i) == 0 and x.shape[i] > 1)
+    if expanded:
+        dx = dx.sum(expanded)
+    tokens = lead + (x.dim() - 2,)
     return {
-        "dqueries": (scale * gmax * xhat_max * ddelta.sum(-1)).sum().item(),
-        "dbias": dxn.sum().item(),
-        "dweight": (xhat_max * dxn.sum(-1)).sum().item(),
-        "dx": (rstd * gmax * dxn * (2 + xhat_max.unsqueeze(-1))).reshape(-1, n).sum(0)
-        .max().item(),
+        "dqueries": (dq.sum(lead) if lead else dq).max().item(),
+        "dbias": 0.0,
+        "dweight": (dxn * xhat.abs()).sum(tokens).max().item(),
+        "dx": dx.max().item(),
     }
 
 
@@ -190,7 +202,10 @@ def tiny_d_allowance(x, q, g, b, dy, *, eps, scale, mask):
       which differ by the roundings of those sums: ulps of x's dtype (the dot operands' dtype)
       of sum_m p_mn |dy_m g| + scale sum_m |ds_mn| |W_m g|, times r.
     * xhat itself is computed as (x - mean) * r: a rounding of |x| times r, in ours and in the
-      float64 truth alike; it enters dweight (sum_n dxn xhat) and dqueries (scale g ds @ xhat).
+      float64 truth alike; it enters dweight (sum_n dxn xhat), dqueries (scale g ds @ xhat) and
+      dx through its two xhat terms: r dxhat (|mean_d g dxn xhat| + |xhat| mean_d |g dxn|),
+      at most 2 r dxhat max|g dxn| max|xhat|. (That term was missing until 2026-12-01, covered
+      by a far looser delta_noise_allowance: fuzz case D = 2, float64, a token with r = 46.)
       It also reaches y and p: y = sum_n p xn moves by g * dxhat and through the scores
       s = scale (W g) . xhat, p by p * 2 max|ds|.
     * dweight / dbias have one or two entries, where the rule's half-ulp atol (rounding luck
@@ -227,7 +242,9 @@ def tiny_d_allowance(x, q, g, b, dy, *, eps, scale, mask):
     return {
         "y": xhat_err.max().item() * gmax + 2 * ds_err * xn.abs().max().item(),
         "p": 2 * ds_err * p.max().item(),
-        "dx": (8 * ulp * rstd * gmax * terms).reshape(-1, n).sum(0).max().item(),
+        "dx": (8 * ulp * rstd * gmax * terms
+               + 2 * rstd * xhat_err * (g64 * dxn).abs().amax(-1) * xhat.abs().amax(-1))
+        .reshape(-1, n).sum(0).max().item(),
         "dweight": 2 * ulp * dg + (dxn.abs().amax(-1) * xhat_err).sum().item(),
         "dbias": 2 * ulp * db,
         "dqueries": scale * gmax * (ds.abs() * xhat_err.unsqueeze(-2)).sum().item(),
@@ -403,6 +420,31 @@ def test_4d_x_permuted_lead_dims():
     check_op(x, q, g, b, dy=torch.randn(2, 3, 3, 20), view=view)
 
 
+def _through_parameter_view(which, leaf, view, x, q, g, b, dy, per_entry):
+    """y and the gradient of `leaf` when the op sees `view(leaf)` as its `which` argument:
+    ours, plain PyTorch at float32 and the float64 truth, judged by the rule. `per_entry`:
+    how many gradient entries of the op's own argument sum into one of the leaf's (the
+    delta-noise allowance is per entry)."""
+    args = {"queries": q, "weight": g, "bias": b}
+
+    def run(op, cast):
+        lf = leaf.detach().to(cast).requires_grad_()
+        a = {k: v.to(cast) for k, v in args.items()}
+        a[which] = view(lf)
+        assert not a[which].is_contiguous()
+        y = op(x.to(cast), a["queries"], a["weight"], a["bias"])
+        y.backward(dy.to(cast))
+        return y.detach(), lf.grad
+
+    (y, grad), (y_b, grad_b), (y_t, grad_t) = (run(triton_op, torch.float32),
+                                               run(reference.patch_merger, torch.float32),
+                                               run(reference.patch_merger, torch.float64))
+    extra = delta_noise_allowance(x, q, g, b, dy, eps=1e-5, scale=None, mask=None)
+    name = "dqueries" if which == "queries" else "d" + which
+    assert_rule("y", y, y_b, y_t)
+    assert_rule(name, grad, grad_b, grad_t, extra=per_entry * extra[name])
+
+
 @pytest.mark.parametrize("which", ["weight", "bias", "queries"])
 def test_strided_parameters(which):
     # Regression: weight / bias views with a non-unit stride (or stride 0) were read as if
@@ -411,29 +453,18 @@ def test_strided_parameters(which):
     bigs = {"weight": g.repeat_interleave(2), "bias": b.repeat_interleave(2),
             "queries": q.t().contiguous()}
     views = {"weight": lambda t: t[::2], "bias": lambda t: t[::2], "queries": lambda t: t.t()}
-    leaf = bigs[which].clone().requires_grad_()
-    args = {"queries": q, "weight": g, "bias": b}
-
-    def fn(op):
-        args_ = dict(args, **{which: views[which](leaf)})
-        leaf.grad = None
-        y = op(x, args_["queries"], args_["weight"], args_["bias"])
-        y.backward(torch.ones_like(y))
-        return y.detach(), leaf.grad.clone()
-
-    assert not views[which](leaf).is_contiguous()
-    y, grad = fn(triton_op)
-    y_ref, grad_ref = fn(reference.patch_merger)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn(2, 4, 24, generator=make_gen(3))
+    _through_parameter_view(which, bigs[which], views[which], x, q, g, b, dy, 1)
 
 
 def test_stride0_weight():
-    # A broadcast LayerNorm gain, e.g. torch.tensor(1.3).expand(D).
+    # A broadcast LayerNorm gain, e.g. torch.tensor(1.3).expand(D): its gradient is the sum of
+    # the D entries of dweight.
     x, q, _, b = make((2,), 9, 16, 3, torch.float32)
     g = torch.tensor(1.3).expand(16)
-    torch.testing.assert_close(triton_op(x, q, g, b), reference.patch_merger(x, q, g, b),
-                               rtol=1e-5, atol=1e-5)
+    dy = torch.randn(2, 3, 16, generator=make_gen(4))
+    _through_parameter_view("weight", torch.tensor(1.3), lambda t: t.expand(16), x, q, g, b, dy,
+                            16)
 
 
 @pytest.mark.parametrize("kind", ["sliced", "broadcast-N", "broadcast-4d"])
@@ -561,9 +592,9 @@ def test_module_forward_accepts_mask():
                                        mask=mask, scale=mod.scale)
     assert torch.equal(y, y_fn)
     assert (p.transpose(-1, -2)[~mask] == 0).all()
-    ref = reference.patch_merger(x.double(), mod.queries.double(), mod.norm.weight.double(),
-                                 mod.norm.bias.double(), mask=mask)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    params = (mod.queries, mod.norm.weight, mod.norm.bias)
+    truth = reference.patch_merger(x.double(), *(t.double() for t in params), mask=mask)
+    assert_rule("y", y.detach(), reference.patch_merger(x, *params, mask=mask).detach(), truth)
 
 
 def test_cpp_reference_agrees_on_masked_case():

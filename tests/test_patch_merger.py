@@ -17,7 +17,7 @@ from pm_kernels.forward import patch_merger_forward
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (lead dims, N, D, M): odd sizes on purpose. D values are not powers of two and not multiples
-# of the D tile; N = 1; M > N; M = 1; a 4-D x; no leading dims.
+# of the D tile; N = 1; M > N; M = 1; a 4-D x; no leading dims; every BLOCK_M tier.
 SHAPES = [
     pytest.param((2,), 197, 100, 8, id="vit-like-N197-D100"),
     pytest.param((3,), 1, 48, 4, id="N1"),
@@ -27,6 +27,12 @@ SHAPES = [
     pytest.param((2, 3), 17, 40, 6, id="4d-x"),
     pytest.param((), 9, 24, 3, id="2d-x"),
     pytest.param((1,), 700, 64, 8, id="B1-largeN-split"),
+    # The larger BLOCK_M tiers (64, 128, 256 = MAX_M), each over several token blocks: the forward
+    # without the accumulator tile a step ahead (`heuristics.acc_ahead`), at 128 and 256 without
+    # the score sweep's prefetch either, and the interpreter's 16-token tiles.
+    pytest.param((2,), 45, 72, 40, id="M40"),
+    pytest.param((1,), 37, 50, 100, id="M100"),
+    pytest.param((1,), 20, 33, 256, id="M256"),
 ]
 
 
@@ -93,7 +99,7 @@ def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-
         if t is None:
             continue
         assert gr.dtype == t.dtype, f"{name} dtype {gr.dtype} != {t.dtype}"
-        assert_close_to_ref(name, gr, gb, gt, extra=allowance.get(name, 0.0))
+        assert_close_to_ref(name, gr, gb, gt, extra=allowance.get(name, 0.0), dt=x.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,9 +140,18 @@ def test_fp32_parameters_with_low_precision_x(dtype, device):
     check_against_reference(x, q, g, b, dy, ours)
 
 
-@pytest.mark.parametrize("affine", [False, True])
-def test_no_affine_and_custom_scale_eps(affine, device):
-    x, q, g, b, dy = make_inputs((2,), 30, 56, 7, torch.float32, device=device, affine=affine)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+def test_affine_variants_split_and_custom_scale_eps(affine, device):
+    """Every LayerNorm affine variant (HAS_G / HAS_B and the backward's NEED_DG / NEED_DB), with
+    the token axis split over programs in both directions (the combine kernel; partial rows)."""
+    n = 150
+    x, q, g, b, dy = make_inputs((2,), n, 56, 7, torch.float32, device=device)
+    g = g if affine in ("weight", "both") else None
+    b = b if affine in ("bias", "both") else None
+    dev = torch.device(device)
+    for pick in (heuristics.forward_config, heuristics.backward_config):
+        cfg = pick(2, n, 56, 7, torch.float32, dev)
+        assert heuristics.token_split(n, cfg.split, cfg.block_n)[0] > 1, pick
 
     def ours(x_, q_, g_, b_):
         with pm_kernels.use_backend("triton"):
@@ -145,35 +160,29 @@ def test_no_affine_and_custom_scale_eps(affine, device):
 
 
 # Explicit launch configurations that the heuristics would not pick for these small shapes:
-# many D tiles with a ragged last one, many token blocks per program, a split so wide that the
-# last programs own no token at all (their partials must be ignored, and zero), and one token
-# block per program (the GPU backward's layout at the paper's shapes, where the backward kernel
-# writes its partial rows without reading them: `ONE_BLOCK`).
+# many D tiles with a ragged last one, many token blocks per program, a split that does not
+# divide the token blocks (12 asked: 7 programs of two blocks, the last one ragged), and one
+# token block per program (the GPU backward's layout at the paper's shapes, where the backward
+# kernel writes its partial rows without reading them: `ONE_BLOCK`). With the 200 tokens of
+# `test_forced_configs`, (programs, tokens per program) as `heuristics.token_split` gives them:
 FORCED = [
-    pytest.param(heuristics.Config(16, 16, 16, split=1), id="many-tiles"),
-    pytest.param(heuristics.Config(16, 16, 32, split=3), id="split3"),
-    pytest.param(heuristics.Config(16, 16, 32, split=12), id="split12-empty-programs"),
-    pytest.param(heuristics.Config(16, 16, 32, split=16), id="split16-one-block-each"),
+    pytest.param(heuristics.Config(16, 16, 16, split=1), (1, 208), id="many-tiles"),
+    pytest.param(heuristics.Config(16, 16, 32, split=3), (3, 80), id="split3"),
+    pytest.param(heuristics.Config(16, 16, 32, split=12), (7, 32), id="split12-as-7"),
+    pytest.param(heuristics.Config(16, 16, 32, split=16), (13, 16), id="split16-one-block-each"),
 ]
 
 
-@pytest.mark.parametrize("cfg", FORCED)
+@pytest.mark.parametrize("cfg, grid", FORCED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
-def test_forced_configs(cfg, dtype, device):
+def test_forced_configs(cfg, grid, dtype, device):
     n, d, m = 200, 70, 5
     x, q, g, b, dy = make_inputs((2,), n, d, m, dtype, device=device)
-    if dtype == torch.float16:
-        # 200 tokens / 16 per block / 12 programs: 32 tokens per program, programs 7..11 empty;
-        # 16 programs: 16 tokens (one block) per program, programs 13..15 empty.
-        assert triton_cdiv(n, triton_cdiv(triton_cdiv(n, cfg.split), 16) * 16) <= cfg.split
+    assert heuristics.token_split(n, cfg.split, cfg.block_n) == grid
 
     def ours(x_, q_, g_, b_):
         return _ForcedConfigFn.apply(x_, q_, g_, b_, cfg)
     check_against_reference(x, q, g, b, dy, ours)
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 class _ForcedConfigFn(torch.autograd.Function):
