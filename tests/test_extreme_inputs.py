@@ -217,20 +217,23 @@ def test_scores_overflowing_exp_unsaturated(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_huge_scores_saturated(dtype):
     """queries x 1e3 and scale 10: |s| ~ 1e5, the softmax is one-hot. The forward follows the
-    rule and stays finite. Gradients are checked for finiteness only: in exact math the score
-    path contributes nothing here (p is exactly one-hot), but the fused backward's Delta (from
-    the stored y) leaves ulp-level noise in ds that scale * queries (~1e4) amplifies; see the
-    report of issue 6 (a limitation of the Delta-from-y preprocess, not of this input)."""
+    rule and stays finite. In exact math the score path contributes nothing to the gradients
+    here (p is exactly one-hot), but the fused backward's Delta (from the stored y) leaves
+    ulp-level noise in ds that scale * queries (~1e4) amplifies; see the report of issue 6 (a
+    limitation of the Delta-from-y preprocess, not of this input). The gradients are held to
+    the rule plus that noise as `delta_noise_allowance` derives it: in float32 a bound of about
+    a third of max|dx| and dweight; in bfloat16 the bound exceeds the gradients themselves
+    (4e4 against 2 for dx), so there only dbias, which does not go through ds, and finiteness
+    are real checks."""
     x, q, g, b = make((2,), 30, 48, 5, dtype)
     q = (q.float() * 1e3).to(dtype)
     out = check_op(x, q, g, b, scale=10.0, return_weights=True)
     y, p = out
     assert torch.isfinite(y).all() and torch.isfinite(p).all()
     assert (p.amax(-1) == 1).all()                               # one-hot rows
-    leaves = _leaves(x, q, g, b)
-    yy = triton_op(*leaves, scale=10.0)
-    yy.backward(torch.randn_like(yy))
-    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    dy = torch.randn(2, 5, 48, generator=make_gen(6)).to(dtype)
+    _, grads = check_op(x, q, g, b, dy=dy, scale=10.0)
+    assert all(torch.isfinite(t).all() for t in grads)
 
 
 def test_huge_scores_fp16_where_pytorch_overflows():
