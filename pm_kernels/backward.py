@@ -42,7 +42,7 @@ from . import heuristics
 from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_tile, mma, normalize_tile,
                      scaled_operand, shifted_dots, to_output, token_block, token_normalizers,
                      token_range, unshift)
-from .forward import kernel_dtypes, split_hi_lo
+from .forward import device_of, kernel_dtypes, split_hi_lo
 
 
 @triton.jit
@@ -324,14 +324,16 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     wg_op = torch.empty((m, d), dtype=x.dtype, device=dev) if need_tokens else delta
     dyg_op = torch.empty((bsz, m, d), dtype=x.dtype, device=dev) if need_tokens else delta
     dcfg = heuristics.delta_config(d, m, cfg)
-    _delta_kernel[(bsz,)](
-        dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
-        wg_op, dyg_op, d, m,
-        BLOCK_M=dcfg.block_m, BLOCK_D=dcfg.block_d, HAS_G=weight is not None,
-        HAS_B=bias is not None, NEED_DB=need_db, NEED_OPERANDS=need_tokens,
-        DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
-        num_warps=dcfg.num_warps, num_stages=1,
-    )
+    on_device = device_of(x)
+    with on_device:
+        _delta_kernel[(bsz,)](
+            dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
+            wg_op, dyg_op, d, m,
+            BLOCK_M=dcfg.block_m, BLOCK_D=dcfg.block_d, HAS_G=weight is not None,
+            HAS_B=bias is not None, NEED_DB=need_db, NEED_OPERANDS=need_tokens,
+            DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
+            num_warps=dcfg.num_warps, num_stages=1,
+        )
     db = db_part.sum(0).to(bias.dtype) if need_db else None
     if not need_tokens:
         return None, None, None, db
@@ -347,19 +349,20 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)
 
-    _backward_kernel[(bsz, split)](
-        x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
-        dy, *dy.stride(), lse, delta, qsums, wg_op, dyg_op, stats, qsum, dx, dw_part, dg_part,
-        n, d, m, tokens_per_split, scale_hi, scale_lo,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        EVEN_D=d % cfg.block_d == 0, ONE_BLOCK=tokens_per_split <= cfg.block_n,
-        PREFETCH=heuristics.prefetch(cfg),
-        HAS_MASK=mask is not None, HAS_G=weight is not None,
-        NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
-        DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
-        INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )
+    with on_device:
+        _backward_kernel[(bsz, split)](
+            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
+            dy, *dy.stride(), lse, delta, qsums, wg_op, dyg_op, stats, qsum, dx, dw_part, dg_part,
+            n, d, m, tokens_per_split, scale_hi, scale_lo,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            EVEN_D=d % cfg.block_d == 0, ONE_BLOCK=tokens_per_split <= cfg.block_n,
+            PREFETCH=heuristics.prefetch(cfg),
+            HAS_MASK=mask is not None, HAS_G=weight is not None,
+            NEED_DX=need_dx, NEED_DW=need_dq, NEED_DG=need_dg,
+            DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
+            INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+        )
     # Deterministic final reductions over the P partial rows (fixed order, no atomics).
     dq = None
     if need_dq:

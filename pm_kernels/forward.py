@@ -39,6 +39,7 @@ Reading them also spares the backward the per-token shift and two row reductions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -322,6 +323,18 @@ def kernel_dtypes(dtype: torch.dtype):
     return _TL_DTYPE[dtype], emulate, _TL_DTYPE[acc], acc
 
 
+def device_of(t: torch.Tensor):
+    """A context in which kernels launch on t's GPU. Triton launches on the *current* CUDA
+    device and its current stream, while torch allocates on the tensor's device: with a model
+    spread over GPUs without `torch.cuda.set_device` (pipeline or manual model parallelism), a
+    launch for tensors on cuda:1 would run on cuda:0. Entered only when the devices differ (a
+    device switch is not free)."""
+    if t.device.type == "cuda" and t.device.index is not None \
+            and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=256)
 def split_hi_lo(v: float):
     """v as two fp32 numbers whose fp64 sum is v to ~48 bits (Triton passes floats as fp32).
@@ -381,28 +394,29 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     scale_hi, scale_lo = split_hi_lo(scale)
     eps_hi, eps_lo = split_hi_lo(eps)
 
-    _forward_kernel[(bsz, split)](
-        x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
-        y, lse, acc, wg, ml, scores if scores is not None else lse,
-        stats if save_stats else lse, qsum if save_stats else lse,
-        n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
-        FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        EVEN_D=d % cfg.block_d == 0,
-        QUERY_BLOCK_D=heuristics.prologue_block_d(d, m, cfg.num_warps, cfg.block_d),
-        PREFETCH=heuristics.prefetch(cfg), ACC_AHEAD=heuristics.acc_ahead(cfg),
-        HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
-        RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
-        RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None and cfg.block_m <= 32,
-        DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
-        INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-    )
-    if split > 1:
-        ccfg = heuristics.combine_config(d, m)
-        _combine_kernel[(bsz, heuristics.cdiv(d, ccfg.block_d))](
-            acc, ml, w, b, y, lse, d, m, split,
-            BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
-            HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
-            num_warps=ccfg.num_warps, num_stages=1,
+    with device_of(x):
+        _forward_kernel[(bsz, split)](
+            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
+            y, lse, acc, wg, ml, scores if scores is not None else lse,
+            stats if save_stats else lse, qsum if save_stats else lse,
+            n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
+            FINALIZE=split == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            EVEN_D=d % cfg.block_d == 0,
+            QUERY_BLOCK_D=heuristics.prologue_block_d(d, m, cfg.num_warps, cfg.block_d),
+            PREFETCH=heuristics.prefetch(cfg), ACC_AHEAD=heuristics.acc_ahead(cfg),
+            HAS_MASK=mask is not None, HAS_G=weight is not None, HAS_B=bias is not None,
+            RETURN_SCORES=return_scores, SAVE_STATS=save_stats,
+            RAW_PV=raw_pv and x.dtype == torch.bfloat16 and mask is None and cfg.block_m <= 32,
+            DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate,
+            INPUT_PRECISION=heuristics.input_precision(x.dtype), ACC=acc_tl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )
+        if split > 1:
+            ccfg = heuristics.combine_config(d, m)
+            _combine_kernel[(bsz, heuristics.cdiv(d, ccfg.block_d))](
+                acc, ml, w, b, y, lse, d, m, split,
+                BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
+                HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
+                num_warps=ccfg.num_warps, num_stages=1,
+            )
     return ForwardResult(y, lse, stats, qsum, scores)

@@ -139,3 +139,20 @@ def test_token_free_loops_take_wide_bounded_steps(d, m, monkeypatch):
         bwd = heuristics.backward_config(256, 196, d, m, torch.bfloat16, dev)
         assert heuristics.prologue_block_d(d, m, fwd.num_warps, fwd.block_d) == 256
         assert heuristics.delta_config(d, m, bwd).block_d == 256
+
+
+def test_launches_run_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers make x's device current when
+    it is another one (a model spread over GPUs without set_device), and only then."""
+    import contextlib
+    import types
+
+    from pm_kernels.forward import device_of
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def on(dev):
+        return device_of(types.SimpleNamespace(device=torch.device(dev)))
+    for dev in ("cpu", "meta", "cuda", "cuda:0"):
+        assert isinstance(on(dev), contextlib.nullcontext), dev
+    ctx = on("cuda:1")
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
