@@ -104,10 +104,17 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench.profile measures GPU kernel times: it needs a CUDA GPU")
 
+    from .suite import environment
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
+    header = dict(environment("cuda", None), dtype="bf16", iters=a.iters)
+    print(f"{header['device']}, torch {header['torch']}, triton {header['triton']}, bf16, "
           f"{a.iters} calls per measurement")
     results = []
+
+    def save():                       # after every shape: a run cut short keeps what it has
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(header, rows=results), f, indent=1)
     for shape in a.shapes:
         fns = _calls(shape, dev, dtype)
         for mode in a.modes:
@@ -122,10 +129,7 @@ def main(argv=None) -> int:
                 print(f"   {k['us']:8.1f} us  x{k['launches']:g}  {k['kernel'][:100]}")
         fns = None
         torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           iters=a.iters, rows=results), f, indent=1)
+        save()
     return 0
 
 

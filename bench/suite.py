@@ -264,7 +264,7 @@ def graph_ms(fn) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return triton.testing.do_bench(graph.replay, warmup=10, rep=50)
+        return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
     except Exception as e:            # not capturable: say so, time the rest as usual
         print(f"  (no CUDA-graph time: {_error_text(e)})")
         torch.cuda.synchronize()
@@ -337,13 +337,18 @@ def _error_text(e: BaseException) -> str:
 
 def _release(device_type: str):
     if device_type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:        # a sticky CUDA error: the next rows will say so too
+            print(f"  (synchronize failed: {_error_text(e)})")
 
 
 def run(cases, modes, providers, dtype: torch.dtype, device: str, quick: bool = False,
-        log=print) -> list[dict]:
-    """Benchmark every (case, provider, mode); returns one row per combination."""
+        log=print, on_case=None) -> list[dict]:
+    """Benchmark every (case, provider, mode); returns one row per combination. `on_case(rows)`
+    is called with the rows so far after each case (the command line writes the results
+    files then, so a run cut short by a time limit keeps every finished case)."""
     dev = torch.device(device).type
     rows = []
     for case in cases:
@@ -398,6 +403,8 @@ def run(cases, modes, providers, dtype: torch.dtype, device: str, quick: bool = 
                 log("  " + _row_text(row))
         del inp, expected
         _release(dev)
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -520,14 +527,23 @@ def check_appendable(env: dict, dtype: torch.dtype, out_dir: Path) -> None:
         raise SystemExit(f"--append: {path} holds rows of another dtype than {name}")
 
 
-def merge_results(rows: list[dict], env: dict, out_dir: Path) -> tuple[list[dict], dict]:
-    """Rows of an earlier run of the same device and day (if any) with `rows` merged in."""
+def load_results(env: dict, out_dir: Path) -> dict | None:
+    """The results file of this device and day in `out_dir`, or None."""
     path = out_dir / f"{results_stem(env)}.json"
-    if not path.exists():
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def merge_results(rows: list[dict], env: dict, out_dir: Path,
+                  previous: dict | None = None) -> tuple[list[dict], dict]:
+    """Rows of an earlier run of the same device and day (if any) with `rows` merged in.
+    `previous`: that run's file as read before this run wrote anything (the command line
+    writes after every case; {} for none), else it is read from `out_dir` now."""
+    path = out_dir / f"{results_stem(env)}.json"
+    old = load_results(env, out_dir) if previous is None else previous
+    if not old:
         return rows, env
     if rows:
         check_appendable(env, getattr(torch, rows[0]["dtype"]), out_dir)
-    old = json.loads(path.read_text())
     old_env = old["environment"]
     new_keys = {(r["case"], r["mode"], r["provider"]) for r in rows}
     merged = [r for r in old["rows"] if (r["case"], r["mode"], r["provider"]) not in new_keys]
@@ -546,7 +562,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def write_results(rows, env, out_dir: Path) -> list[Path]:
+def write_results(rows, env, out_dir: Path, with_plot: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = results_stem(env)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv"]
@@ -558,7 +574,7 @@ def write_results(rows, env, out_dir: Path) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    png = plot(rows, env, out_dir / f"{stem}.png")
+    png = plot(rows, env, out_dir / f"{stem}.png") if with_plot else None
     if png:
         paths.append(png)
     return paths
@@ -574,6 +590,9 @@ def plot(rows, env, path: Path) -> Path | None:
         print("matplotlib is not installed: no plot (pip install matplotlib); CSV/JSON written")
         return None
     modes = [m for m in MODES if any(r["mode"] == m and r["ms"] for r in rows)]
+    if not modes:
+        print("no timed row: no plot")
+        return None
     cases = list(dict.fromkeys(r["case"] for r in rows))
     provs = [p for p in PROVIDERS if p != "eager" and any(r["provider"] == p and r["ms"]
                                                             for r in rows)]
@@ -642,10 +661,17 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="print the markdown table of a results file (the README's) and exit; "
                         "--groups picks the cases (default: paper)")
+    p.add_argument("--plot", type=Path, metavar="JSON",
+                   help="draw the PNG of a results file beside it and exit (a run cut short by "
+                        "a time limit writes JSON and CSV after every case, the plot at the end)")
     a = p.parse_args(argv)
     if a.report:
         print(markdown_report(a.report, tuple(a.groups or ("paper",))))
         return 0
+    if a.plot:
+        data = json.loads(a.plot.read_text())
+        path = plot(data["rows"], data["environment"], a.plot.with_suffix(".png"))
+        return 0 if path else 1
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -665,20 +691,31 @@ def main(argv=None) -> int:
 
     copy_gbs = copy_bandwidth_gbs(dev)
     env = environment(dev, copy_gbs)
+    previous = {}
     if a.append:
         check_appendable(env, dtype, a.out)
+        previous = load_results(env, a.out) or {}
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s; torch {env['torch']}, triton "
           f"{env['triton']}, CUDA {env['cuda']}")
-    rows = run(cases, a.modes, providers, dtype, dev, quick=a.quick)
-    if a.append:
-        rows, env = merge_results(rows, env, a.out)
-    finish(rows, copy_gbs)
+    write = cuda or a.save
+
+    def merged(rows_now):
+        out = merge_results(rows_now, env, a.out, previous) if a.append else (rows_now, env)
+        finish(out[0], copy_gbs)
+        return out
+
+    def save_partial(rows_now):        # after every case: a time limit loses only the last one
+        if write and rows_now:
+            write_results(*merged(rows_now), a.out, with_plot=False)
+
+    rows, env_out = merged(run(cases, a.modes, providers, dtype, dev, quick=a.quick,
+                               on_case=save_partial))
     print()
     print(summary_table(rows))
     print()
     print(targets_table(rows))
-    if cuda or a.save:
-        for path in write_results(rows, env, a.out):
+    if write:
+        for path in write_results(rows, env_out, a.out):
             print(f"wrote {path}")
     else:
         print("\n(results not written: CPU-only run; pass --save to keep them)")

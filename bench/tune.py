@@ -15,6 +15,7 @@ in the order listed and the sweep moves on when its share of the budget is spent
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -120,6 +121,14 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs("cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, {sms} SMs")
 
+    from .suite import environment
+    header = dict(environment("cuda", copy_gbs), sms=sms, dtype=a.dtype)
+
+    def save():                       # after every job: a run cut short keeps what it timed
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(header, rows=results), f, indent=1)
+
     t_start = time.time()
     jobs = [(s, k) for s in a.shapes for k in a.kernels]
     results = []
@@ -129,19 +138,26 @@ def main(argv=None) -> int:
         x, q, w, bias, dy = make_inputs(shape, dev, dtype)
         scale = d ** -0.5
         y, lse, stats, qsum, _ = patch_merger_forward(x, q, w, bias, EPS, scale, save_stats=True)
+        # run: the launcher alone (timed); flat: all of its outputs as one fp32 vector (checked).
         if kernel == "forward":
-            fn = lambda cfg, raw=True: patch_merger_forward(  # noqa: E731
-                x, q, w, bias, EPS, scale, config=cfg, raw_pv=raw)[0]
+            run = lambda cfg, raw=True: patch_merger_forward(  # noqa: E731
+                x, q, w, bias, EPS, scale, config=cfg, raw_pv=raw)
+            flat = lambda cfg, raw=True: run(cfg, raw).y.flatten().float()  # noqa: E731
             ideal = roofline.forward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.forward_config(b, n, d, m, dtype, dev)
         else:
             # Every gradient is checked: the split factor changes the partial rows behind
             # dqueries / dweight / dbias more than dx.
-            fn = lambda cfg, raw=True: torch.cat([g.flatten().float() for g in  # noqa: E731
-                patch_merger_backward(dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)])
+            run = lambda cfg, raw=True: patch_merger_backward(  # noqa: E731
+                dy, x, q, w, bias, y, lse, stats, qsum, scale, config=cfg)
+            flat = lambda cfg, raw=True: torch.cat(  # noqa: E731
+                [g.flatten().float() for g in run(cfg, raw)])
             ideal = roofline.backward_bytes(b, n, d, m, dtype, sms=1).ideal_bytes
             default = heuristics.backward_config(b, n, d, m, dtype, dev)
-        expected = fn(default).float()
+        # As launched: a nominal split the token blocks cannot fill is launched smaller.
+        default = dataclasses.replace(
+            default, split=heuristics.token_split(n, default.split, default.block_n)[0])
+        expected = flat(default)
         cands = candidates(kernel, default, b, n, m, dtype, sms)
         rows = []
         print(f"\n== {shape} {kernel} B={b} N={n} D={d} M={m} {a.dtype} "
@@ -157,12 +173,13 @@ def main(argv=None) -> int:
                 # Relative to the largest value: the weight gradients sum over B x N tokens and
                 # are rounded to bf16, so their absolute differences between split orders are
                 # ulps of large numbers. A wrong configuration is off by O(1) of the values.
-                err = float((fn(cfg, raw).float() - expected).abs().max() / expected.abs().max())
+                err = float((flat(cfg, raw) - expected).abs().max() / expected.abs().max())
                 row["max_rel_diff_vs_heuristic"] = err
                 if not err < 1e-2:
                     raise RuntimeError(f"output differs from the heuristic's by {err:.2g} "
                                        "(relative to the largest value)")
-                ms = triton.testing.do_bench(lambda: fn(cfg, raw), warmup=10, rep=40)
+                ms = triton.testing.do_bench(lambda: run(cfg, raw), warmup=10, rep=40,
+                                             return_mode="median")
                 row.update(ms=ms, gbps=ideal / ms / 1e6, pct_copy=100 * ideal / ms / 1e6 / copy_gbs)
                 print(f"  {ms:8.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%  {label}",
                       flush=True)
@@ -176,12 +193,10 @@ def main(argv=None) -> int:
             print(f"   {r['ms']:8.4f} ms {r['pct_copy']:5.1f}%  {r['config']}"
                   f"{'  (heuristic)' if r['heuristic'] else ''}")
         results += rows
+        save()
         x = q = w = bias = dy = y = lse = expected = None   # free before the next shape
         torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs,
-                           dtype=a.dtype, rows=results), f, indent=1)
+    save()
     return 0
 
 

@@ -46,7 +46,10 @@ def check(device: str, batch: int) -> bool:
     from pm_kernels import reference
 
     n, d, m = 197, 768, 8
-    factor = {torch.float32: 4.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+    # The test suite's rule (tests/tolerance.py): on a GPU fp32 gets 8, since Triton lowers fp32
+    # division and exp2 to approximate instructions (2 ulp) where PyTorch rounds correctly.
+    factor = {torch.float32: 8.0 if device == "cuda" else 4.0, torch.float16: 2.0,
+              torch.bfloat16: 2.0}
     ok = True
     print(f"\nAccuracy: B={batch}, N={n}, D={d}, M={m} on {device} "
           f"(error vs float64; 'torch' = plain PyTorch at the same dtype)")
@@ -100,8 +103,8 @@ def timings(batch: int) -> None:
                     # autograd.grad, not .backward(): no extra pass accumulating into x.grad.
                     torch.autograd.grad(fn(x, q, g, b), (x, q, g, b), dy)
                 return forward if mode == "forward" else forward_backward
-            ms = triton.testing.do_bench(run(pm_kernels.patch_merger))
-            ms_ref = triton.testing.do_bench(run(reference.patch_merger))
+            ms = triton.testing.do_bench(run(pm_kernels.patch_merger), return_mode="median")
+            ms_ref = triton.testing.do_bench(run(reference.patch_merger), return_mode="median")
             ideal = batch * (n * d + m * d) * elem * (1 if mode == "forward" else 3)
             print(f"{str(dtype)[6:]:>9} {mode:>8} {ms:14.3f} {ms_ref:9.3f} {ms_ref / ms:8.2f}x "
                   f"{ideal / ms / 1e6:19.1f}")

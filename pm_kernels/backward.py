@@ -167,9 +167,9 @@ def _token_vector(ptrs, n_in, offs_d):
 @triton.jit
 def _backward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,      # x (B, N, D), any strides
-    mask_ptr, stride_mb, stride_mn,               # key padding mask (B, N) uint8
-    w_ptr, stride_wm,                             # queries (M, D), unit stride along D
-    g_ptr,                                        # LayerNorm weight (D,)
+    mask_ptr, stride_mb, stride_mn,               # key padding mask (B, N) uint8, 1 = keep
+    w_ptr, stride_wm,                             # queries W (M, D), unit stride along D
+    g_ptr,                                        # LayerNorm weight (D,) [HAS_G]
     dy_ptr, stride_dyb, stride_dym, stride_dyd,   # dy (B, M, D), any strides
     lse_ptr, delta_ptr,                           # (B, M) ACC: forward's lse2, Delta'
     qs_ptr,                                       # (B, 3, M) ACC: (c_dp, a, cw)  `_score_operands`
@@ -180,14 +180,17 @@ def _backward_kernel(
     dx_ptr,                                       # (B, N, D) out, x's dtype, contiguous
     dw_part_ptr,                                  # (P, M, D) ACC partial sum_n scale*ds*xhat
     dg_part_ptr,                                  # (P, D) ACC partial sum_n dxn*xhat
-    N, D, M, tokens_per_split,
-    scale_hi, scale_lo,
+    N, D, M,
+    tokens_per_split,                             # tokens per program, a multiple of BLOCK_N
+    scale_hi, scale_lo,                           # scale as fp32 hi + lo (`split_hi_lo`)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,                         # D % BLOCK_D == 0: no column masks on x
     ONE_BLOCK: tl.constexpr,                      # tokens_per_split <= BLOCK_N (see below)
     PREFETCH: tl.constexpr,                       # score sweep a step ahead (`heuristics`)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr,
+    NEED_DX: tl.constexpr,                        # dx
+    NEED_DW: tl.constexpr,                        # dqueries (dW: W is the queries)
+    NEED_DG: tl.constexpr,                        # dweight (dg)
     DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -226,14 +229,15 @@ def _backward_kernel(
         shift = _token_vector(st_ptrs, n_in, offs_d)
         mean_rel = _token_vector(st_ptrs + N, n_in, offs_d)
         rstd = _token_vector(st_ptrs + 2 * N, n_in, offs_d)
-        acc_s, acc_dp, _s1, _s2 = shifted_dots(
+        acc_s, acc_dp, _sum_xk, _sum_xk2 = shifted_dots(
             x_ptr, stride_xn, stride_xd, wg_ptr, dyg_ptr + pid_b * M * D, shift,
             offs_m, m_in, offs_n, n_in, D,
             BLOCK_D, EVEN_D, True, False, PREFETCH, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION,
             ACC)
         sn = unshift(acc_s, mean_rel, rstd, c_s, scale)
         dp = unshift(acc_dp, mean_rel, rstd, c_dp, 1.0)
-        # p = 0 (not exp2(nan)) for masked tokens, padding rows m >= M, and rows with lse = -inf.
+        # p = 0 (not exp2(nan)) for masked tokens and padding rows m >= M. A row with lse = -inf
+        # is one whose batch element has every token masked: `valid` is False all along it.
         live = m_in[:, None] & valid[None, :]
         p = tl.where(live, tl.exp2(sn * LOG2E - lse[:, None]), 0.0)
         ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
@@ -244,8 +248,10 @@ def _backward_kernel(
         p_t = tl.trans(as_operand(p, DOT_DTYPE, EMULATE_BF16))              # (BLOCK_N, BLOCK_M)
         sds = as_operand(scale * ds, DOT_DTYPE, EMULATE_BF16)               # (BLOCK_M, BLOCK_N)
         sds_t = tl.trans(sds)
-        # xhat of the dx sweep, 0 for masked tokens. (Here a select on the tile compiles to
-        # fewer instructions than the forward's masked load: 485 vs 515 per step on sm_90.)
+        # xhat of the dx sweep, 0 for masked tokens. x is loaded for every token in range,
+        # masked or not (a select on the tile compiled shorter here than the forward's masked
+        # load), so it is the select, not the zeroed normalizers, that keeps a NaN or inf in a
+        # masked token out of xhat (NaN * 0 = NaN).
         k_v, r_v, c_v = token_normalizers(shift, mean_rel, rstd, valid)
         # A program's first token block starts its partial rows from zero; with one block per
         # program (ONE_BLOCK, the paper's shapes) they are written once and never read back.
@@ -312,8 +318,8 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     dev = x.device
     queries = queries.contiguous()
     # Unit-stride weight / bias, as in `patch_merger_forward` (the kernels take no stride for them).
-    w = weight.contiguous() if weight is not None else queries
-    b = bias.contiguous() if bias is not None else queries
+    g_arg = weight.contiguous() if weight is not None else queries
+    b_arg = bias.contiguous() if bias is not None else queries
     y = y.contiguous()
 
     need_tokens = need_dx or need_dq or need_dg      # the token kernel runs
@@ -327,8 +333,8 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
     on_device = device_of(x)
     with on_device:
         _delta_kernel[(bsz,)](
-            dy, *dy.stride(), y, queries, queries.stride(0), w, b, lse, delta, db_part, qsums,
-            wg_op, dyg_op, d, m,
+            dy, *dy.stride(), y, queries, queries.stride(0), g_arg, b_arg, lse, delta,
+            db_part, qsums, wg_op, dyg_op, d, m,
             BLOCK_M=dcfg.block_m, BLOCK_D=dcfg.block_d, HAS_G=weight is not None,
             HAS_B=bias is not None, NEED_DB=need_db, NEED_OPERANDS=need_tokens,
             DOT_DTYPE=dot_dtype, EMULATE_BF16=emulate, ACC=acc_tl,
@@ -351,7 +357,7 @@ def patch_merger_backward(dy, x, queries, weight, bias, y, lse, stats, qsum, sca
 
     with on_device:
         _backward_kernel[(bsz, split)](
-            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w,
+            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), g_arg,
             dy, *dy.stride(), lse, delta, qsums, wg_op, dyg_op, stats, qsum, dx, dw_part, dg_part,
             n, d, m, tokens_per_split, scale_hi, scale_lo,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,

@@ -5,11 +5,8 @@ scores s = scale * (W*g) @ xhat^T, from one sweep over D of dots with the shifte
 (`shifted_dots`) and a correction that removes the shift (`unshift`). The forward's
 `token_block_scores` also sums each token's LayerNorm statistics in that sweep and saves them;
 the backward reads them, so it forms the scores whose log-sum-exp the forward saved from the
-same statistics and the same rounded dot operands. What can still differ is the fp32
-accumulation order of the dots when the two kernels tile D differently (the GPU tables use 64
-and 32 columns at the paper's M; not checked on a GPU): s2 would then move by a few fp32 ulps
-of |s2|. That is nothing at ordinary score ranges; at |s2| ~ 1e5 and beyond,
-p = exp2(s2 - lse2) would no longer sum exactly to one over the tokens.
+same statistics and the same rounded dot operands, in the same accumulation order (see
+`shifted_dots`): p = exp2(s2 - lse2) in the backward is the forward's softmax.
 
 Notation used in every kernel of the package (one batch element):
     x (N, D)   W (M, D)   g, b (D,)
@@ -215,7 +212,7 @@ def normalize_tile(x, k, r, c):
 
 @triton.jit
 def softmax_normalizers(m, l):
-    """From a softmax state (running max m, sum l; base 2) return (1/l, [l > 0], lse2).
+    """From a softmax state (running max m, sum l; base 2) return (1/l, [l != 0], lse2).
     A row that saw no unmasked token (l = 0) gets 1/l := 0 and lse2 := -inf, so its output is
     exactly 0 and its backward weights exp2(s2 - lse2) are masked to 0, never NaN.
     `l != 0`, not `l > 0`: a NaN l (a NaN / inf token among the unmasked ones) must stay NaN
@@ -281,22 +278,26 @@ def shifted_dots(
     step's tiles during the step before, in registers: without it every step waits out a DRAM
     round trip for its x tile (the sweep is the first touch of x) before any of its work.
 
-    Returns (acc_s, acc_dp, s1, s2):
+    Returns (acc_s, acc_dp, sum_xk, sum_xk2):
         acc_s[m, n] = sum_d op(W[m,d] g[d]) op(x[n,d] - k_n)    op = rounded to DOT_DTYPE
         acc_dp[m, n] = sum_d op(dy[m,d] g[d]) op(x[n,d] - k_n)  (WITH_DY, else 0)
-        s1[n], s2[n] = sum_d (x - k), sum_d (x - k)^2           (WITH_STATS, else 0)
+        sum_xk[n], sum_xk2[n] = sum_d (x - k), sum_d (x - k)^2  (WITH_STATS, else 0)
     The query-side operands come ready-made (`query_operand`, `backward._score_operands`):
     they do not depend on the tokens, so the sweep only loads them.
     Tokens beyond the block's end load as 0 and have k = 0 (the caller's guarantee: the shift
     of an all-zero row is 0, and the backward loads its saved shifts as 0 there), so x - k is
     exactly 0 for them without a select in every step; only columns beyond D need one, and
     only when D is not a multiple of BLOCK_D (not EVEN_D).
-    The dot accumulation order is fixed by BLOCK_D-independent MMA k-steps, and the operands
-    are the same rounded numbers in both kernels, so acc_s agrees between them."""
+    The operands are the same rounded numbers in both kernels, and the accumulation order does
+    not depend on BLOCK_D: tensor-core dots add their MMA k-steps (16 or 8 columns) into one
+    accumulator in increasing d, FMA dots (fp32 at "highest") one column at a time, so the
+    forward's 32-column and the backward's 64-column tiles give the same acc_s. The fp64
+    register products (`mma`) reduce each tile with tl.sum, whose order does depend on the
+    tile; for fp64 both kernels take the same BLOCK_D (`heuristics._token_config`)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m[:, None] * D
-    s1 = tl.zeros_like(k)
-    s2 = tl.zeros_like(k)
+    sum_xk = tl.zeros_like(k)
+    sum_xk2 = tl.zeros_like(k)
     acc_s = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     acc_dp = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC)
     if PREFETCH:
@@ -335,22 +336,22 @@ def shifted_dots(
         if not EVEN_D:
             xk = tl.where(d_in[None, :], xk, 0.0)
         if WITH_STATS:
-            s1 += tl.sum(xk, axis=1)
-            s2 += tl.sum(xk * xk, axis=1)
+            sum_xk += tl.sum(xk, axis=1)
+            sum_xk2 += tl.sum(xk * xk, axis=1)
         xk_t = tl.trans(as_operand(xk, DOT_DTYPE, EMULATE_BF16))
         acc_s = mma(wg, xk_t, acc_s, INPUT_PRECISION, ACC)
         if WITH_DY:
             acc_dp = mma(dyg, xk_t, acc_dp, INPUT_PRECISION, ACC)
-    return acc_s, acc_dp, s1, s2
+    return acc_s, acc_dp, sum_xk, sum_xk2
 
 
 @triton.jit
-def unshift(acc, mean_rel, rstd, c, scale):
+def unshift(acc, mean_rel, rstd, col_sum, scale):
     """scale * sum_d A[m,d] xhat[n,d] from the shifted dot acc = sum_d A[m,d] (x[n,d] - k_n)
-    and c[m] = sum_d A[m,d]:  scale * r_n * (acc - (mu_n - k_n) * c[m]).
+    and col_sum[m] = sum_d A[m,d]:  scale * r_n * (acc - (mu_n - k_n) * col_sum[m]).
     One helper for both kernels, so the forward's and the backward's scores are the same
     floating-point expression of the same numbers."""
-    return (scale * rstd[None, :]) * (acc - mean_rel[None, :] * c[:, None])
+    return (scale * rstd[None, :]) * (acc - mean_rel[None, :] * col_sum[:, None])
 
 
 @triton.jit
@@ -388,10 +389,10 @@ def token_block_scores(
     offs_d = tl.arange(0, BLOCK_D)
     x0 = load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D, ACC)
     k = shift_of_tokens(x0, offs_d, D, BLOCK_D)     # 0 for tokens not in n_in (zero rows)
-    acc_s, _acc_dp, s1, s2 = shifted_dots(
+    acc_s, _acc_dp, sum_xk, sum_xk2 = shifted_dots(
         x_ptr, stride_xn, stride_xd, wg_ptr, wg_ptr, k, offs_m, m_in, offs_n, n_in, D,
         BLOCK_D, EVEN_D, False, True, PREFETCH, DOT_DTYPE, EMULATE_BF16, INPUT_PRECISION, ACC)
-    mean_rel = s1 / D                        # E[x - k] = mu - k
-    var = tl.maximum(s2 / D - mean_rel * mean_rel, 0.0)
+    mean_rel = sum_xk / D                    # E[x - k] = mu - k
+    var = tl.maximum(sum_xk2 / D - mean_rel * mean_rel, 0.0)
     rstd = 1.0 / precise_sqrt(var + eps, ACC)
     return k, mean_rel, rstd, unshift(acc_s, mean_rel, rstd, c_s, scale)

@@ -9,13 +9,13 @@ small to fill the GPU, see `heuristics._split`). For each block of BLOCK_N token
      (|k| r <= RAW_KR_LIMIT, the usual case), in the raw form
      p @ xhat = q @ x + sum_n (p c - q k) with q = op(p r): x goes from memory to the tensor
      cores untouched, and the per-token normalisation is folded into the M x BLOCK_N weights
-     once per block (ViT-B/16 on sm_90: 122 instead of 190 SASS instructions per warp and D
-     step of this sweep).
+     once per block (about two thirds of the shifted form's instructions per D step).
 Before the token loop it forms the score sweep's query operand op(W g) into a per-program
 scratch row (M x D in x's dtype, L2-resident) and reduces c_s = sum_d op(W g), which the scores
 need (`common.query_operand`, in steps wider than the token loops': `QUERY_BLOCK_D`, see
 `heuristics.prologue_block_d`); neither depends on the tokens. Sweep 2 re-reads the BLOCK_N x D
-slab that sweep 1 just brought on chip, so x comes from DRAM once. The accumulator acc (M x D
+slab that sweep 1 just read (192 KB at 128 tokens of ViT-B/16 in bf16: from L2, not from
+registers or shared memory), so x comes from DRAM once. The accumulator acc (M x D
 fp32) is too big for registers at ViT widths, so between token blocks it lives in a
 per-program fp32 scratch row (L2-resident); when a program sees a single token block
 (N <= BLOCK_N) no scratch is touched at all, and the last block writes y directly.
@@ -24,17 +24,16 @@ y = g * acc / l + b, because sum_n p = 1.
 With split > 1, programs write their unnormalised (acc, m, l) partials and `_combine_kernel`
 merges them, rescaling each by exp2(m_s - max_s m_s).
 
-Saved for backward (only when autograd will need it: SAVE_STATS), in the accumulator dtype
-(fp32; fp64 for fp64 inputs):
-  * lse2 = m + log2(l) per (batch, query), (B, M): the softmax normaliser;
-  * the token statistics (k, mu - k, rstd), (B, 3, N): 12 bytes per token, under 1 % of the
-    bytes of x at ViT widths (2 * D bytes per token in fp16);
-  * c_s = sum_d op(W g), (M,): the per-query sum that undoes the shift in the scores.
+For the backward, in the accumulator dtype (fp32; fp64 for fp64 inputs):
+  * always: lse2 = m + log2(l) per (batch, query), (B, M), the softmax normaliser;
+  * only when autograd will need them (SAVE_STATS): the token statistics (k, mu - k, rstd),
+    (B, 3, N), 12 bytes per token, under 1 % of the bytes of x at ViT widths (2 * D bytes per
+    token in fp16); and c_s = sum_d op(W g), (M,), the per-query sum that undoes the shift in
+    the scores.
 The backward recomputes the scores from x (it sweeps x anyway to form dp) but takes these as
-they are, whatever its own tiles. When it summed the statistics again with its own BLOCK_D and
-warps (the GPU tables use 64 and 32 columns), mean and rstd could differ from the forward's in
-the last bits, so the recomputed p = exp2(s2 - lse2) was not exactly the forward's softmax.
-Reading them also spares the backward the per-token shift and two row reductions per D step.
+they are, whatever its own tiles: statistics summed again over differently shaped tiles could
+differ in the last bits (a reduction's order follows its layout), and then p = exp2(s2 - lse2)
+would not be exactly the forward's softmax (`common.shifted_dots` on the dots themselves).
 """
 
 from __future__ import annotations
@@ -63,11 +62,10 @@ from .common import (LOG2E, as_operand, hi_lo, load_operand, load_vec, load_x_ti
 # Not fp16: q = p r must fit the operand format, and r ranges over 1e-3 (massive activations)
 # to 1e6 (a constant token at eps = 1e-12), outside fp16's normal range of 6e-5 to 6.5e4 at
 # either end; xhat, the shifted form's operand, stays within +-sqrt(D). Not with a key padding
-# mask either: there Triton kept q in a shared-memory layout that ldmatrix cannot read (16 loads
-# and 30 register moves per step: 170 instructions instead of 121) and ptxas spilled on sm_90.
-# Nor for M > 32: at BLOCK_M = 64 Triton 3.6's software pipeliner fails on sm_90 ("PassManager::
-# run failed" in TritonGPUPipeline, with the raw dot on warpgroup MMA), and the 16-token tiles of
-# BLOCK_M = 128 / 256 gain nothing from it (258-260 instructions per step against 274-278).
+# mask or for M > 32 either, where Triton 3.6 compiles it worse: with a mask it kept q in a
+# shared-memory layout that ldmatrix cannot read and ptxas spilled on sm_90; at BLOCK_M = 64 its
+# software pipeliner fails on sm_90 ("PassManager::run failed" in TritonGPUPipeline, raw dot on
+# warpgroup MMA); the 16-token tiles of BLOCK_M = 128 / 256 gain nothing from it.
 RAW_KR_LIMIT = tl.constexpr(16.0)
 
 
@@ -134,18 +132,21 @@ def _forward_kernel(
     y_ptr,                                       # (B, M, D) output, x's dtype   [FINALIZE]
     lse_ptr,                                     # (B, M) ACC log2-sum-exp2      [FINALIZE]
     acc_ptr,                                     # (B, split, M, D) ACC scratch / partials
-    wg_ptr,                                      # (B, split, M, D) DOT_DTYPE scratch: op(W g)
+    wg_ptr,                                      # (B, split, M, D) DOT_DTYPE scratch: op(W g),
+                                                 # a copy per program (none waits for another)
     ml_ptr,                                      # (B, split, 2, M) ACC partial (max, sum) [not FINALIZE]
     s_ptr,                                       # (B, M, N) ACC base-2 scores [RETURN_SCORES]
     stats_ptr,                                   # (B, 3, N) ACC (k, mu - k, rstd)  [SAVE_STATS]
     qsum_ptr,                                    # (M,) ACC c_s = sum_d op(W g)      [SAVE_STATS]
-    N, D, M, tokens_per_split,
-    scale_hi, scale_lo, eps_hi, eps_lo,
+    N, D, M,
+    tokens_per_split,                            # tokens per program, a multiple of BLOCK_N
+    scale_hi, scale_lo, eps_hi, eps_lo,          # scale, eps as fp32 hi + lo (`split_hi_lo`)
     FINALIZE: tl.constexpr,                      # split == 1: write y and lse directly
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,                        # D % BLOCK_D == 0: no column masks on x
     QUERY_BLOCK_D: tl.constexpr,                 # columns per step of `query_operand`
-    PREFETCH: tl.constexpr,                      # score sweep a step ahead (`heuristics`)
+    PREFETCH: tl.constexpr,                      # score sweep a step ahead (`heuristics`; on a
+                                                 # GPU fp32 / fp64 only: 16-bit tiles pipeline)
     ACC_AHEAD: tl.constexpr,                     # sweep 2's acc tile a step ahead (`_acc_tile`)
     HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, HAS_B: tl.constexpr,
     RETURN_SCORES: tl.constexpr, SAVE_STATS: tl.constexpr,
@@ -266,7 +267,7 @@ def _forward_kernel(
 def _combine_kernel(
     acc_ptr,          # (B, num_splits, M, D) ACC partial accumulators
     ml_ptr,           # (B, num_splits, 2, M) ACC partial (max, sum)
-    g_ptr, b_ptr,     # (D,)
+    g_ptr, b_ptr,     # (D,) LayerNorm weight / bias [HAS_G / HAS_B]
     y_ptr,            # (B, M, D) output, x's dtype
     lse_ptr,          # (B, M) ACC
     D, M, num_splits,
@@ -387,8 +388,9 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
     # The kernels read weight / bias as g_ptr + d (unit stride, `common.load_vec`): a strided
     # (D,) view such as `big[::2]` or an expanded `t.expand(D)` was read as if contiguous
     # (wrong y). `.contiguous()` is a no-op for ordinary parameters.
-    w = weight.contiguous() if weight is not None else queries
-    b = bias.contiguous() if bias is not None else queries
+    # (The kernels' w_ptr is the queries W; these are the LayerNorm's g and b, or a placeholder.)
+    g_arg = weight.contiguous() if weight is not None else queries
+    b_arg = bias.contiguous() if bias is not None else queries
     mk = mask.view(torch.uint8) if mask is not None else x
     mk_strides = mask.stride() if mask is not None else (0, 0)
     scale_hi, scale_lo = split_hi_lo(scale)
@@ -396,7 +398,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
 
     with device_of(x):
         _forward_kernel[(bsz, split)](
-            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), w, b,
+            x, *x.stride(), mk, *mk_strides, queries, queries.stride(0), g_arg, b_arg,
             y, lse, acc, wg, ml, scores if scores is not None else lse,
             stats if save_stats else lse, qsum if save_stats else lse,
             n, d, m, tokens_per_split, scale_hi, scale_lo, eps_hi, eps_lo,
@@ -414,7 +416,7 @@ def patch_merger_forward(x, queries, weight, bias, eps, scale, mask=None,
         if split > 1:
             ccfg = heuristics.combine_config(d, m)
             _combine_kernel[(bsz, heuristics.cdiv(d, ccfg.block_d))](
-                acc, ml, w, b, y, lse, d, m, split,
+                acc, ml, g_arg, b_arg, y, lse, d, m, split,
                 BLOCK_M=ccfg.block_m, BLOCK_D=ccfg.block_d,
                 HAS_G=weight is not None, HAS_B=bias is not None, EMULATE_BF16=emulate, ACC=acc_tl,
                 num_warps=ccfg.num_warps, num_stages=1,

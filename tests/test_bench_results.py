@@ -188,3 +188,43 @@ def test_profile_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         profile.main(["--shapes", "vit-b"])
+
+
+def test_results_are_written_after_every_case_and_appended_once(tmp_path, monkeypatch):
+    """`python -m bench` writes its files after every case, so a run stopped by a time limit
+    keeps its finished cases; with --append those per-case writes merge into the file as it was
+    before the run (the run's copy bandwidth is recorded once, not once per case)."""
+    small = [suite.Case("tiny-a", "paper", 1, 12, 16, 2), suite.Case("tiny-b", "paper", 1, 9, 8, 3)]
+    monkeypatch.setattr(suite, "cpu_cases", lambda quick=False: small)
+    monkeypatch.setattr(suite, "copy_bandwidth_gbs", lambda dev: 10.0)
+    args = ["--save", "--out", str(tmp_path), "--providers", "eager", "--modes", "forward",
+            "--quick", "--append"]
+    assert suite.main(args) == 0
+    first = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["case"] for r in first["rows"]] == ["tiny-a", "tiny-b"]
+
+    make = suite.make_inputs
+
+    def stop_at_second(case, *a, **k):            # the time limit strikes during case 2
+        if case.name == "tiny-b":
+            raise SystemExit(124)
+        return make(case, *a, **k)
+    monkeypatch.setattr(suite, "make_inputs", stop_at_second)
+    with pytest.raises(SystemExit):
+        suite.main(args)
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert sorted(r["case"] for r in data["rows"]) == ["tiny-a", "tiny-b"]   # b kept from run 1
+    assert data["environment"]["copy_bandwidth_runs_gbs"] == [10.0, 10.0]
+
+
+def test_plot_is_drawn_from_a_results_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _rows({"pm_kernels": 0.5, "eager": 0.3})
+    suite.finish(rows, 3000.0)
+    json_path = suite.write_results(rows, _env(), tmp_path, with_plot=False)[0]
+    assert not json_path.with_suffix(".png").exists()
+    assert suite.main(["--plot", str(json_path)]) == 0
+    assert json_path.with_suffix(".png").stat().st_size > 0
+    # No timed row at all (every provider failed): no plot, no crash.
+    failed = [suite._row(CASE, "forward", "pm_kernels", torch.bfloat16, error="boom")]
+    assert suite.plot(failed, _env(), tmp_path / "none.png") is None
