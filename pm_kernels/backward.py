@@ -66,10 +66,9 @@ def _score_operands(
         a[m]    = sum_d dy[m,d] g[d]         the row-mean terms of the module docstring
         cw[m]   = sum_d W[m,d] g[d]
     Stored operands spare every token block's score sweep the loads of W, g and dy, their
-    products and their rounding (with fp32 parameters under autocast that was half of the
-    sweep's instructions); the sums were a third of the token kernel's instructions at
-    ViT-B/16, when each program (one per 32-token block) reduced them itself. Columns are
-    summed tile-wise and reduced once, after the loop (see `common.query_operand`)."""
+    products and their rounding, and every program (one per 32-token block at the paper's
+    shapes) the sums. Columns are summed tile-wise and reduced once, after the loop (see
+    `common.query_operand`)."""
     offs_d = tl.arange(0, BLOCK_D)
     c_dp = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
     a = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
@@ -153,12 +152,13 @@ def _delta_kernel(
 @triton.jit
 def _token_vector(ptrs, n_in, offs_d):
     """The per-token values at ptrs (BLOCK_N,) as a vector in the row layout of the
-    (BLOCK_N, BLOCK_D) x tiles it is broadcast against; 0 beyond N.
+    (BLOCK_N, BLOCK_D) x tiles it is broadcast against; 0 for tokens not in n_in (past the
+    program's range).
 
     Loaded as column 0 of such a tile and summed along the row, which is exact (one value plus
     zeros). A plain 1-D load leaves Triton free to pick the vector's layout: it picked the MMA
-    layout of dxn and then normalised x in two layouts in every step of the dx sweep (617 -> 698
-    SASS instructions per D step at ViT-B/16 on sm_90)."""
+    layout of dxn and then normalised x in two layouts in every step of the dx sweep (13 % more
+    instructions per step)."""
     tile = tl.load(ptrs[:, None] + 0 * offs_d[None, :], mask=n_in[:, None] & (offs_d == 0)[None, :],
                    other=0.0)
     return tl.sum(tile, axis=1)

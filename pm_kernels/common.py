@@ -117,17 +117,16 @@ def query_operand(w_ptr, stride_wm, g_ptr, out_ptr, offs_m, m_in, D,
     """The forward score sweep's query operand, once per program, before its token loop:
     writes op(W g) (M, D) to out_ptr (contiguous, DOT_DTYPE) and returns
     c_s[m] = sum_d op(W[m,d] g[d]), the sum of that very operand, which `unshift` needs. Neither
-    depends on the tokens: forming the operand in every step of the score sweep (a W tile, a g
-    tile, their product and its rounding; twice the bytes with fp32 parameters under autocast)
-    and reducing c_s there cost that sweep 10-25 % of its instructions. The backward's
-    `_score_operands` forms the same operand with the same `scaled_operand`, so the two dots
-    see the same bits.
+    depends on the tokens, so neither is formed in the score sweep's steps (a W tile, a g tile,
+    their product and its rounding per step). The backward's `_score_operands` forms the same
+    operand with the same `scaled_operand`, so the two dots see the same bits.
 
-    The columns are summed tile-wise and reduced across the tile once, after the loop. (A
-    `tl.sum` per step whose input is a bare load, as for fp32 without affine weights, makes
-    Triton 3.6's TritonGPUOptimizeThreadLocality rewrite the loop, and it aborts on assertion
-    `loopResult.hasOneUse()` when the sum is used twice, as the forward uses c_s.) The caller
-    must put a barrier between this and the first read of out_ptr: other threads read it."""
+    The columns are summed tile-wise and reduced across the tile once, after the loop.
+    (Triton 3.6 workaround: a `tl.sum` per step whose input is a bare load, as for fp32 without
+    affine weights, makes its TritonGPUOptimizeThreadLocality pass rewrite the loop, which
+    aborts on assertion `loopResult.hasOneUse()` when the sum is used twice, as the forward
+    uses c_s.) The caller must put a barrier between this and the first read of out_ptr:
+    other threads read it."""
     offs_d = tl.arange(0, BLOCK_D)
     c = tl.zeros((offs_m.shape[0], BLOCK_D), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):

@@ -1,6 +1,6 @@
 """Launch heuristics: every block size, warp count, stage count and split factor comes from here.
 
-Inputs are the problem (B, N, D, M, dtype) and the device (SM count, shared memory per block).
+Inputs are the problem (B, N, D, M, dtype) and the device's SM count.
 There is no runtime autotuning: the op is memory-bound and the space that matters is small, so a
 closed-form choice, checked by `python -m pm_kernels.audit` for register spills and shared memory
 on every architecture we target, is both faster to launch and reproducible.
@@ -20,9 +20,10 @@ import triton
 
 MAX_M = 256
 # float64 multiplies in registers (`common.mma`: Triton's fp64 MMA path aborted on an H100), with
-# a BLOCK_M x 16 x 16 product per program: at BLOCK_M = 256 that needs 128 KB of shared memory,
-# over the 99 KB of sm_86/89/120 parts. fp64 is the gradcheck dtype, not a speed path, so on CUDA
-# larger M runs the PyTorch reference (ops.patch_merger); the interpreter has no such limit.
+# a BLOCK_M x 16 x 16 product per program, and its shared memory grows with BLOCK_M: the
+# compiled fp64 kernels take 64 KB at BLOCK_M = 128 and 128 KB at 256 (audit, sm_120), over the
+# 99 KB of sm_86/89/120 parts. fp64 is the gradcheck dtype, not a speed path, so on CUDA larger M
+# runs the PyTorch reference (ops.patch_merger); the interpreter has no such limit.
 FP64_MAX_M = 128
 
 
@@ -53,9 +54,8 @@ def interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_props(index: int):
-    p = torch.cuda.get_device_properties(index)
-    return p.multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_sms(device: torch.device) -> int:
@@ -63,7 +63,7 @@ def num_sms(device: torch.device) -> int:
     split-N path is exercised by modest test shapes (and programs, which the interpreter runs one
     after another, stay few)."""
     if device.type == "cuda":
-        return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -83,10 +83,10 @@ def block_m(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-def _block_d(d: int, elem_bytes: int, cap: int) -> int:
-    # 16-byte vector loads want >= 8 fp16 / 4 fp32 contiguous columns; 64 columns of fp16
-    # (128 B, one cache line) per row keep every load coalesced without wasting much of a
-    # masked last tile (D = 1000 uses 16 tiles of 64, 2.3 % padding).
+def _block_d(d: int, cap: int) -> int:
+    """BLOCK_D: the tile table's cap (chosen per dtype there: 16-byte vector loads want >= 8
+    fp16 / 4 fp32 contiguous columns, and a 128-byte row is one cache line), smaller for small
+    D, at least 16 (tl.dot's minimum)."""
     return max(16, min(cap, next_pow2(d)))
 
 
@@ -150,25 +150,15 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 #   4. BLOCK_N as large as 1-3 allow: every token block re-reads and re-writes the program's
 #      M x D fp32 accumulator (forward) or dW partial row (backward) in L2, so L2 traffic per
 #      token scales like M / BLOCK_N (`pm_kernels.roofline` counts it as "scratch (L2)").
-# Forward, M <= 16: 128 x 32 tiles on 8 warps, 3-stage pipeline, registers capped at 128:
-# 8 KB of x per step with two steps in flight, 2 programs per SM, and half the token blocks of a
-# 64-token tile (ViT-B/16's 196 tokens: 2 blocks, so one round trip of the accumulator scratch
-# instead of three). This tile was the fastest measured on ViT-B/16 (below: 0.121 ms against
-# 0.157 for the 64 x 64 / 2-stage tile then in the table) but spilled 4 B on sm_90 then; under
-# the cap it is spill-free at 128 registers. The cap also keeps the bf16 raw form of sweep 2
-# (forward.py) at 2 programs per SM. SASS per warp and 8 KB step at ViT-B/16, bf16, sm_90:
-# score sweep 155, sweep 2 122 in the raw form (190 shifted). Not timed since (2026-12-01).
-# Backward, M <= 16: 32 x 64 on 4 warps, not pipelined, one program per token block, registers
-# capped at 168. The tile and the split are the fastest measured (below: 0.345 ms on ViT-B/16
-# and 0.672 on ViT-H/14, against 0.458 / 0.787 for 64 x 32, which the table held until
-# 2026-12-01 because 32 x 64 spilled 4 B on sm_90 with fp32 parameters then; it no longer does,
-# and its dx sweep issued 418-430 SASS instructions per step where 64 x 32 issued 473-485,
-# ViT-B and ViT-H bf16 on sm_90; 382 at ViT-B since a program with one token block writes its
-# partial rows without reading them, `ONE_BLOCK` in backward.py). The backward holds many more
-# live tiles than the forward (see backward.py): uncapped, ptxas gave it 209-238 registers,
-# 2 programs per SM; at 168 three fit, 12 warps instead of 8 to hide the latency the tuning
-# runs found binding, spill-free in every audited variant for 0-12 more instructions per
-# dx-sweep step (128 would spill 40-72 B). The cap is not timed (2026-12-01).
+# Forward, M <= 16: 128 x 32 on 8 warps, 3 stages, registers capped at 128: spill-free, 2
+# programs per SM, 8 KB of x per step with two steps in flight, and ViT-B/16's 196 tokens in two
+# blocks (one round trip of the accumulator scratch). The fastest tile measured on ViT-B/16.
+# Backward, M <= 16: 32 x 64 on 4 warps, one stage (its score sweep loads a step ahead,
+# `prefetch`), one program per token block (`_backward_split`), registers capped at 168. The
+# backward holds many more live tiles than the forward (backward.py): uncapped, ptxas gave it
+# 209-238 registers, 2 programs per SM; at 168 three fit, 12 warps instead of 8 to hide the
+# latency the tuning runs found binding, spill-free in every audited variant (128 would spill
+# 40-72 B). The fastest tile and split measured on ViT-B/16 and ViT-H/14.
 # Larger M: smaller BLOCK_N / BLOCK_D as the M x BLOCK_N score tiles and M x BLOCK_D accumulator
 # tiles grow; every 16-bit tier is spill-free on sm_90, and on sm_80 but for the BLOCK_M = 128
 # backward (4 B, at 252-255 registers; not a paper M). The BLOCK_M = 32 / 128 forward and the
@@ -179,20 +169,13 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
-# Measured (H100 SXM, bf16, M=8; `python -m bench.tune`, 16 forward and 12 backward tiles x
-# split factors on ViT-B/16 (B=256 N=196 D=768), ViT-H/14 (B=256 N=256 D=1280) and B=8 N=4096
-# D=1024; the runs are summarised in bench/results/README.md). Backward: a program per token
-# block beats a program per batch element by 1.4-1.9x (`_backward_split`): at these sizes the
-# kernels are bound by latency, not bytes, and the extra programs buy more loads in flight than
-# their extra partial rows cost. Among the spill-free tiles, 64 x 32 on 4 warps was the fastest
-# (ViT-B 0.458 ms, ViT-H 0.787, N=4096 0.401; the previous 32 x 32 at split 1: 0.651 / 1.495 /
-# 0.543). 32 x 64 was faster still (0.345 / 0.672) but spilled 4 B on sm_90 with fp32
-# parameters (the autocast case) then; it is the table's tile now. Forward: 128 x 32 on 8
-# warps, 3 stages, measured 0.121 ms on ViT-B vs 0.157 for the 64 x 64 then in the table, but
-# spilled 4 B on sm_90 (without the register cap; now the table's tile); 128 x 64, 8 warps,
-# 3 stages was the fastest on ViT-H (0.220 vs 0.280 ms) and, with 2 stages, on N=4096 (0.128
-# vs 0.192), but takes one program per SM (two waves at B=256 on an H100). The other tiers are
-# as the audit chose them, not yet measured.
+# Measured (H100 SXM, bf16, M = 8, `python -m bench.tune` on ViT-B/16, ViT-H/14 and B=8 N=4096
+# D=1024; timings and runs in bench/results/README.md): at these sizes the kernels are bound by
+# latency, not bytes. Backward: a program per token block beat a program per batch element by
+# 1.4-1.9x, the extra programs buying more loads in flight than their extra partial rows cost.
+# Forward: 128-token tiles beat 64-token ones; 128 x 64 on 8 warps was the fastest on ViT-H/14
+# and N = 4096 but takes one program per SM (two waves at B = 256 on an H100). The register
+# caps and every tier but M <= 16 are not timed.
 _FORWARD_TILES = {
     #       16-bit inputs      fp32 inputs          registers: 16-bit | fp32
     # BLOCK_M = 16 serves the paper's M = 8 and 16 (and M = 1).
@@ -228,11 +211,10 @@ def _gpu_split(b: int, n: int, block_n: int, sms: int) -> int:
 
 
 def _backward_split(b: int, n: int, m: int, block_n: int, elem_bytes: int, sms: int) -> int:
-    """Split factor of the 16-bit backward on a GPU at BLOCK_M <= 32 (the tiers that share the
-    64 x 32 tile; measured at M = 8 only): one token block per program (see "Measured" above),
-    within two caps on the fp32 partial rows (dW: M x D, dg and db: D, per
-    program) that the final sums read back: at most 16 programs per SM in all, and partial bytes
-    at most the bytes of x (split * M * 4 <= N * elem_bytes)."""
+    """Split factor of the 16-bit backward on a GPU at BLOCK_M <= 32 (measured at M = 8 only):
+    one token block per program (see "Measured" above), within two caps on the fp32 partial
+    rows that the final sums read back (dW: M x D and dg: D per program): at most 16 programs
+    per SM in all, and partial bytes at most the bytes of x (split * M * 4 <= N * elem_bytes)."""
     blocks = cdiv(n, block_n)
     by_programs = max(1, 16 * sms // max(b, 1))
     by_bytes = max(1, n * elem_bytes // (4 * max(m, 1)))
@@ -249,7 +231,7 @@ def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
         # The interpreter's cost is per program and per tile operation, so bigger tiles are
         # simply faster; keep them moderate so tests still cross tile boundaries.
         bn = 32 if bm <= 64 else 16
-        bd = _block_d(d, elem, 64)
+        bd = _block_d(d, 64)
         return Config(bm, bn, bd, split_rule(backward, b, n, m, bm, bn, elem, num_sms(device)),
                       4, 1)
     bn, bd_cap, warps, stages, *cap = _gpu_tiles(table, bm, elem)
@@ -258,7 +240,7 @@ def _token_config(table, b: int, n: int, d: int, m: int, dtype: torch.dtype,
         # BLOCK_M x BLOCK_N x BLOCK_D product tile must stay small.
         bn, bd_cap, warps, stages, cap = 16, 16, 4, 1, ()
     split = split_rule(backward, b, n, m, bm, bn, elem, num_sms(device))
-    return Config(bm, bn, _block_d(d, elem, bd_cap), split, warps, stages,
+    return Config(bm, bn, _block_d(d, bd_cap), split, warps, stages,
                   cap[0] if cap else None)
 
 

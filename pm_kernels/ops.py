@@ -266,10 +266,9 @@ class _EagerFn(torch.autograd.Function):
 
     The custom op is what torch.compile and tracing need (a graph node with a fake
     implementation), but its eager dispatch (argument normalisation, redispatch, the
-    dynamo-disable wrapper) cost about 80 us of Python per forward call and 220 us per forward
-    + backward on this project's CPU machine (kernels stubbed out), comparable to the forward
-    kernel's own 0.16 ms at ViT-B sizes on an H100. Outside tracing `patch_merger` takes this
-    direct path instead."""
+    dynamo-disable wrapper) costs tens to hundreds of microseconds of Python per call, as much
+    as the kernels themselves at ViT-B sizes on an H100 (bench/results/README.md). Outside
+    tracing `patch_merger` takes this direct path instead."""
 
     @staticmethod
     def forward(ctx, x, queries, weight, bias, mask, eps, scale, return_weights):
