@@ -103,6 +103,19 @@ def load_x_tile(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl
 
 
 @triton.jit
+def load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl.constexpr,
+                   EMULATE_BF16: tl.constexpr):
+    """x[offs_n, offs_d] in x's own dtype, as a (BLOCK_N, BLOCK_D) dot operand, 0 for tokens
+    not in n_in and columns beyond D. Loaded straight into the dot (no arithmetic on the way), so
+    the compiler can stream it from memory to shared memory to the tensor cores."""
+    ptrs = x_ptr + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
+    if EVEN_D:
+        return load_operand(ptrs, n_in[:, None], EMULATE_BF16)
+    else:
+        return load_operand(ptrs, n_in[:, None] & (offs_d < D)[None, :], EMULATE_BF16)
+
+
+@triton.jit
 def scaled_operand(v, g, DOT_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, ACC: tl.constexpr):
     """op(v * g): a (BLOCK_M, BLOCK_D) tile of W or dy scaled by the LayerNorm weight g
     (BLOCK_D,) and rounded to the dot's dtype, exactly as both the dots and the per-query sums
@@ -210,6 +223,14 @@ def normalize_tile(x, k, r, c):
 
 
 @triton.jit
+def softmax_base(m):
+    """The base the softmax exponentiates against: the running max m, or 0 for a row that has
+    seen no unmasked token (m = -inf), so that exp2(v - base) stays exp2(-inf) = 0 there
+    instead of exp2(nan)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def softmax_normalizers(m, l):
     """From a softmax state (running max m, sum l; base 2) return (1/l, [l != 0], lse2).
     A row that saw no unmasked token (l = 0) gets 1/l := 0 and lse2 := -inf, so its output is
@@ -221,6 +242,14 @@ def softmax_normalizers(m, l):
     inv_l = tl.where(nonempty, 1.0 / safe_l, 0.0)
     lse = tl.where(nonempty, m + tl.log2(safe_l), float("-inf"))
     return inv_l, tl.where(nonempty, 1.0, 0.0), lse
+
+
+@triton.jit
+def merged_rows(acc, inv_l, has_tokens, g, bias):
+    """y = g * acc / l + b per output row, with (1/l, has_tokens) from `softmax_normalizers`:
+    sum_n p = 1, so the LayerNorm bias passes through the merge once per row that saw a token,
+    and a row that saw none is exactly 0. acc (BLOCK_M, BLOCK_D), g and bias (BLOCK_D,)."""
+    return acc * (inv_l[:, None] * g[None, :]) + has_tokens[:, None] * bias[None, :]
 
 
 @triton.jit

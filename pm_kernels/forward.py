@@ -47,9 +47,10 @@ import triton
 import triton.language as tl
 
 from . import heuristics
-from .common import (LOG2E, as_operand, hi_lo, load_operand, load_vec, load_x_tile, mma,
-                     normalize_tile, query_operand, softmax_normalizers, to_output, token_block,
-                     token_block_scores, token_normalizers, token_range)
+from .common import (LOG2E, as_operand, hi_lo, load_vec, load_x_operand, load_x_tile,
+                     merged_rows, mma, normalize_tile, query_operand, softmax_base,
+                     softmax_normalizers, to_output, token_block, token_block_scores,
+                     token_normalizers, token_range)
 
 # Sweep 2's raw form (bf16 x; `_forward_kernel`): sum_n p xhat = q @ x + sum_n (p c - q k) with
 # q = op(p r). RAW_KR_LIMIT is the largest |k| r -- the per-token shift in units of the token's
@@ -77,19 +78,6 @@ def _raw_form_fits(k, r):
 
 
 @triton.jit
-def load_x_operand(x_ptr, stride_xn, stride_xd, offs_n, n_in, offs_d, D, EVEN_D: tl.constexpr,
-                   EMULATE_BF16: tl.constexpr):
-    """x[offs_n, offs_d] in x's own dtype, as a (BLOCK_N, BLOCK_D) dot operand, 0 for tokens
-    not in n_in and columns beyond D. Loaded straight into the dot (no arithmetic on the way), so
-    the compiler can stream it from memory to shared memory to the tensor cores."""
-    ptrs = x_ptr + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
-    if EVEN_D:
-        return load_operand(ptrs, n_in[:, None], EMULATE_BF16)
-    else:
-        return load_operand(ptrs, n_in[:, None] & (offs_d < D)[None, :], EMULATE_BF16)
-
-
-@triton.jit
 def _acc_tile(acc_ptr, offs_m, m_in, cols, D, not_first):
     """The accumulator columns `cols` of this program's scratch row (M x D, row stride D), as the
     previous token block left them; 0, with nothing read, for the first block and past D.
@@ -113,7 +101,7 @@ def _put_acc(acc, acc_ptrs, md_in, cols, last, inv_l, has_tokens, y_ptr, g_ptr, 
         if last:
             g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
             bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
-            y = acc * (inv_l[:, None] * g[None, :]) + has_tokens[:, None] * bias[None, :]
+            y = merged_rows(acc, inv_l, has_tokens, g, bias)
             offs_m = tl.arange(0, acc.shape[0])
             y_ptrs = y_ptr + (pid_b * M + offs_m[:, None]) * D + cols[None, :]
             tl.store(y_ptrs, to_output(y, y_ptr.dtype.element_ty, EMULATE_BF16), mask=md_in)
@@ -197,10 +185,9 @@ def _forward_kernel(
             tl.store(s_ptr + (pid_b * M + offs_m[:, None]) * N + offs_n[None, :], s2,
                      mask=m_in[:, None] & n_in[None, :])
 
-        # Online softmax over tokens. A row that has seen only masked tokens has m = -inf;
-        # subtracting 0 instead keeps exp2 at exp2(-inf) = 0 rather than exp2(nan).
+        # Online softmax over tokens.
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_base = softmax_base(m_new)
         alpha = tl.exp2(m_i - m_base)
         p = tl.exp2(s2 - m_base[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -288,7 +275,7 @@ def _combine_kernel(
     for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(ml_ptr + s * 2 * M + offs_m, mask=m_in,
                                           other=float("-inf")))
-    m_base = tl.where(m_max == float("-inf"), 0.0, m_max)
+    m_base = softmax_base(m_max)
     big_l = tl.zeros((BLOCK_M,), ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for s in range(num_splits):
@@ -306,7 +293,7 @@ def _combine_kernel(
     g = load_vec(g_ptr, cols, D, HAS_G, 1.0, ACC)
     bias = load_vec(b_ptr, cols, D, HAS_B, 0.0, ACC)
     inv_l, has_tokens, lse = softmax_normalizers(m_max, big_l)
-    y = acc * (inv_l[:, None] * g[None, :]) + has_tokens[:, None] * bias[None, :]
+    y = merged_rows(acc, inv_l, has_tokens, g, bias)
     tl.store(y_ptr + (pid_b * M + offs_m[:, None]) * D + cols[None, :],
              to_output(y, y_ptr.dtype.element_ty, EMULATE_BF16), mask=md_in)
     if pid_d == 0:
