@@ -272,15 +272,13 @@ def shift_of_tokens(x0, offs_d, D, BLOCK_D: tl.constexpr):
     (zero beyond D).
 
     The 16-bit dot operands are x - k rounded to x's dtype, so the backward must use the very k
-    of the forward: it reads it from the saved statistics. (Before it did, both kernels computed
-    k, and when k was the mean of the first D tile, `tl.sum` over the tile, the two differed: the
-    order of a reduction follows the tile's layout. At |s| ~ 1e5 s2 then moved by hundreds and
-    the saturated-softmax gradients were NaN: tests/test_extreme_inputs.py.) The tree of exact
-    column extractions does not depend on the tile's layout, so k is a function of the token
-    alone. For D >= 16 (or D a power of two) it is also exact for a constant token (sums of 2^j
-    equal values, then / 2^j), which keeps var = 0 exactly. The columns come out of the tile
-    already in its row layout: loading them separately as (BLOCK_N,) vectors needed a layout
-    conversion that cost the forward its last free registers (a 4 B spill on sm_90)."""
+    of the forward: it reads it from the saved statistics. k must not depend on the tile either
+    (a `tl.sum` over the tile reduces in an order that follows its layout; at |s| ~ 1e5 a last-bit
+    difference in k moved s2 by hundreds): the tree of exact column extractions makes k a
+    function of the token alone. For D >= 16 (or D a power of two) it is also exact for a
+    constant token (sums of 2^j equal values, then / 2^j), which keeps var = 0 exactly. The
+    columns come out of the tile already in its row layout (separate (BLOCK_N,) loads needed a
+    layout conversion, and registers the forward does not have to spare)."""
     tl.static_assert(BLOCK_D >= SHIFT_D)
     total = ((_four_columns(x0, offs_d, 0) + _four_columns(x0, offs_d, 4))
              + (_four_columns(x0, offs_d, 8) + _four_columns(x0, offs_d, 12)))
