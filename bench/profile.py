@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench.profile measures GPU kernel times: it needs a CUDA GPU")
 
-    from .suite import environment
+    from .suite import environment, write_atomic
     dev, dtype = torch.device("cuda"), torch.bfloat16
     header = dict(environment("cuda", None), dtype="bf16", iters=a.iters)
     print(f"{header['device']}, torch {header['torch']}, triton {header['triton']}, bf16, "
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
 
     def save():                       # after every shape: a run cut short keeps what it has
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(dict(header, rows=results), f, indent=1)
+            write_atomic(a.json, json.dumps(dict(header, rows=results), indent=1))
     for shape in a.shapes:
         fns = _calls(shape, dev, dtype)
         for mode in a.modes:

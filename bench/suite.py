@@ -38,8 +38,10 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -562,18 +564,29 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def write_atomic(path, text: str) -> None:
+    """Replace `path` with `text` all at once: a time limit that strikes mid-write (the results
+    are rewritten after every case) must not leave a truncated file, which --append would then
+    fail to read, losing the earlier runs' rows."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_results(rows, env, out_dir: Path, with_plot: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = results_stem(env)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv"]
-    paths[0].write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    with paths[1].open("w", newline="") as f:
-        # header record first (commented), then one row per (case, mode, provider)
-        f.write("# " + json.dumps(env) + "\n")
-        # The union of the rows' keys: rows merged from an older file may lack newer columns.
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
+    write_atomic(paths[0], json.dumps(dict(environment=env, rows=rows), indent=1))
+    buf = io.StringIO(newline="")
+    # header record first (commented), then one row per (case, mode, provider)
+    buf.write("# " + json.dumps(env) + "\n")
+    # The union of the rows' keys: rows merged from an older file may lack newer columns.
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(paths[1], buf.getvalue())
     png = plot(rows, env, out_dir / f"{stem}.png") if with_plot else None
     if png:
         paths.append(png)

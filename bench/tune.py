@@ -121,13 +121,12 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs("cuda")
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s, {sms} SMs")
 
-    from .suite import environment
+    from .suite import environment, write_atomic
     header = dict(environment("cuda", copy_gbs), sms=sms, dtype=a.dtype)
 
     def save():                       # after every job: a run cut short keeps what it timed
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(dict(header, rows=results), f, indent=1)
+            write_atomic(a.json, json.dumps(dict(header, rows=results), indent=1))
 
     t_start = time.time()
     jobs = [(s, k) for s in a.shapes for k in a.kernels]

@@ -5,8 +5,9 @@ scores s = scale * (W*g) @ xhat^T, from one sweep over D of dots with the shifte
 (`shifted_dots`) and a correction that removes the shift (`unshift`). The forward's
 `token_block_scores` also sums each token's LayerNorm statistics in that sweep and saves them;
 the backward reads them, so it forms the scores whose log-sum-exp the forward saved from the
-same statistics and the same rounded dot operands, in the same accumulation order (see
-`shifted_dots`): p = exp2(s2 - lse2) in the backward is the forward's softmax.
+same statistics and the same rounded dot operands, in the same accumulation order but for
+fp32 at "high" precision (see `shifted_dots`): p = exp2(s2 - lse2) in the backward is the
+forward's softmax.
 
 Notation used in every kernel of the package (one batch element):
     x (N, D)   W (M, D)   g, b (D,)
@@ -314,12 +315,15 @@ def shifted_dots(
     of an all-zero row is 0, and the backward loads its saved shifts as 0 there), so x - k is
     exactly 0 for them without a select in every step; only columns beyond D need one, and
     only when D is not a multiple of BLOCK_D (not EVEN_D).
-    The operands are the same rounded numbers in both kernels, and the accumulation order does
-    not depend on BLOCK_D: tensor-core dots add their MMA k-steps (16 or 8 columns) into one
-    accumulator in increasing d, FMA dots (fp32 at "highest") one column at a time, so the
-    forward's 32-column and the backward's 64-column tiles give the same acc_s. The fp64
-    register products (`mma`) reduce each tile with tl.sum, whose order does depend on the
-    tile; for fp64 both kernels take the same BLOCK_D (`heuristics._token_config`)."""
+    The operands are the same rounded numbers in both kernels, and for 16-bit inputs and fp32
+    at torch's default "highest" precision the accumulation order does not depend on BLOCK_D:
+    tensor-core dots add their MMA k-steps into one accumulator in increasing d, FMA dots one
+    column at a time, so the forward's 32-column and the backward's 64-column tiles give the
+    same acc_s. Two exceptions: the fp64 register products (`mma`) reduce each tile with
+    tl.sum, whose order follows the tile (both kernels take the same BLOCK_D for fp64,
+    `heuristics._token_config`); and fp32 at "high" (tf32x3) sums each tile's three partial
+    dots before adding them to the accumulator, so there the forward's and the backward's
+    scores (32- and 16-column fp32 tiles on a GPU) can differ in the last bits."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m[:, None] * D
     sum_xk = tl.zeros_like(k)

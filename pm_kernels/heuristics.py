@@ -98,9 +98,11 @@ def token_split(n: int, split: int, block_n: int) -> tuple[int, int]:
     32-token blocks over 6 programs is 64 tokens each, and the last two would own none --
     and such a program still costs a launch slot and a zero partial row (M x D fp32 in the
     backward) that the final sums read back; those programs are not launched."""
+    if n < 1:      # no token: the op never launches then (ops.patch_merger), nor may anyone
+        raise ValueError(f"token_split needs N >= 1 tokens, got {n}")
     s = max(1, min(split, cdiv(n, block_n)))
-    per = max(1, cdiv(cdiv(n, s), block_n)) * block_n
-    return max(1, cdiv(n, per)), per
+    per = cdiv(cdiv(n, s), block_n) * block_n
+    return cdiv(n, per), per
 
 
 def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None) -> int:

@@ -6,6 +6,8 @@ Parameter), so its state dicts load unchanged: keys `norm.weight`, `norm.bias`, 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -13,6 +15,16 @@ from .heuristics import MAX_M
 from .ops import patch_merger
 
 __all__ = ["PatchMerger"]
+
+
+def _size(name, v) -> int:
+    """An integer size (ints and NumPy integers; not bools or floats)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {v!r}") from None
 
 
 class PatchMerger(nn.Module):
@@ -35,10 +47,10 @@ class PatchMerger(nn.Module):
         super().__init__()
         # Checked here, not at the first forward, where a (300, D) `queries` would fail far from
         # the cause. M = 0 is allowed: the op defines it (empty outputs, like torch's empty ops).
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        dim, num_tokens_out = _size("dim", dim), _size("num_tokens_out", num_tokens_out)
+        if dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if (isinstance(num_tokens_out, bool) or not isinstance(num_tokens_out, int)
-                or not 0 <= num_tokens_out <= MAX_M):
+        if not 0 <= num_tokens_out <= MAX_M:
             raise ValueError(f"num_tokens_out must be an int in [0, {MAX_M}], "
                              f"got {num_tokens_out!r}")
         factory = {"device": device, "dtype": dtype}

@@ -37,10 +37,11 @@ __all__ = ["patch_merger", "use_backend", "set_backend", "get_backend"]
 
 _BACKENDS = ("auto", "triton", "reference")
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_backend = os.environ.get("PM_KERNELS_BACKEND", "auto")
-if _backend not in _BACKENDS:     # a typo would otherwise run "auto" without a word
-    raise ValueError(f"the environment variable PM_KERNELS_BACKEND must be one of {_BACKENDS}, "
-                     f"got {_backend!r}")
+# Unset or empty means "auto"; a typo would otherwise run "auto" without a word.
+_backend = os.environ.get("PM_KERNELS_BACKEND", "").strip().lower() or "auto"
+if _backend not in _BACKENDS:
+    raise ValueError(f"the environment variable PM_KERNELS_BACKEND must be one of {_BACKENDS} "
+                     f"(or empty), got {os.environ['PM_KERNELS_BACKEND']!r}")
 
 
 def set_backend(name: str) -> None:

@@ -27,6 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pm_gpu}
 LOGS=/tmp/pm_gpu_logs          # tarred into $OUT/logs.tgz at the end (the device returns <= 8 files)
+rm -rf "$LOGS"                 # a warm machine keeps /tmp between calls: this call's logs only
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}

@@ -67,6 +67,8 @@ def test_token_split_launches_no_program_without_tokens():
     # The A100 backward at ViT-B/16 (split capped at 6 for 7 token blocks of 32): 4 programs
     # of 64 tokens; 6 would have left two of them without a token.
     assert heuristics.token_split(196, 6, 32) == (4, 64)
+    with pytest.raises(ValueError, match="N >= 1"):
+        heuristics.token_split(0, 4, 32)
 
 
 @pytest.mark.parametrize("b, n, m", [(256, 196, 8), (8, 4096, 8), (1, 1024, 16), (256, 197, 1)])

@@ -98,87 +98,76 @@ def folded_patch_merger(x, queries, weight=None, bias=None, *, eps=1e-5, scale=N
     return (y, p.detach()) if return_weights else y
 
 
-def single_live_token_allowance(x, q, g, b, dy, *, eps, scale, mask):
-    """Extra error per gradient for batch elements with exactly one unmasked token.
-
-    For N = 1 (or a mask leaving one token), any scale:
-    with a single live token p = 1 and ds = p * (dp - Delta) is exactly 0 in PyTorch, while the
-    fused backward takes Delta from the stored y, so its ds is rounding noise of a few ulps of
-    max|dp|; this bounds that noise propagated to each gradient (summed over the batch)."""
-    d, n, m = x.shape[-1], x.shape[-2], q.shape[0]
-    scale = d ** -0.5 if scale is None else scale
-    x3 = x.double().reshape(-1, n, d)
-    live = (mask.expand(*x.shape[:-1]).reshape(-1, n) if mask is not None
-            else torch.ones(x3.shape[:2], dtype=torch.bool, device=x.device))
-    one = live.sum(-1) == 1
-    if not one.any():
-        return {}
-    x3 = x3[one]
-    dy3 = dy.double().reshape(-1, m, d)[one]
-    ulp = torch.finfo(x.dtype).eps
-    g64 = g.double() if g is not None else None
-    b64 = b.double() if b is not None else None
-    xhat = torch.nn.functional.layer_norm(x3, (d,), eps=eps)
-    xn = torch.nn.functional.layer_norm(x3, (d,), g64, b64, eps)
-    rstd = (x3.var(-1, unbiased=False) + eps).rsqrt().amax(-1)
-    dp = dy3 @ xn.transpose(-1, -2)
-    ds_noise = 4 * ulp * dp.abs().amax(dim=(-1, -2))
-    dxn_noise = scale * m * ds_noise * q.abs().max().item()
-    gmax = g.abs().max().item() if g is not None else 1.0
-    return {
-        "dqueries": (scale * ds_noise * xn.abs().amax(dim=(-1, -2))).sum().item(),
-        "dweight": (dxn_noise * xhat.abs().amax(dim=(-1, -2))).sum().item(),
-        "dbias": dxn_noise.sum().item(),
-        "dx": (rstd * gmax * dxn_noise * (2 + xhat.abs().max())).sum().item(),
-    }
-
-
-def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask):
-    """Extra error per gradient from the fused backward's softmax-backward preprocess, any N.
+def delta_noise_allowance(x, q, g, b, dy, *, eps, scale, mask, y):
+    """Extra error per gradient from the fused backward's softmax-backward preprocess, any N;
+    `y` is the fused forward's output (the backward reads it).
 
     ds = p * (dp - Delta) needs sum_n ds = 0 (sum_n p = 1); PyTorch gets it to the last bit by
     forming Delta = sum_n p dp from the very dp it subtracts it from. The fused backward takes
     Delta' = sum_d dy (y - b) from the stored y (flash-attention's preprocess) and recomputes dp'
-    in the single-sweep score pass (common.token_block_scores), whose dot operands are x - k
-    (k: a per-token shift) rounded to x's dtype. The two disagree by the rounding noise of a
-    D-term dot product with operands rounded to x's dtype, estimated here as
-        |dDelta_bm| <= 8 ulp * max_n || dy_bm * g * xhat_bn ||_2
-    (independent roundings add up like a random walk, hence the 2-norm; |x - k| r <= 2 |xhat|
-    and a safety factor of 2 give the 8). The fused backward then uses ds' = ds - p dDelta,
-    so, to first order and entry by entry (b: batch element, summed where a gradient sums):
+    in the single-sweep score pass (common.shifted_dots), whose dot operands are op(dy g) and
+    op(x - k) (k: the per-token shift, the mean of the first 16 features), rounded to x's dtype.
+    Both are exact in exact arithmetic; the mismatch dDelta = Delta' - sum_n p dp' is
+        dDelta_bm = sum_d dy (y - y_true)                 (computed exactly from the given y)
+                  + sum_n p |ddp'_bmn|
+        |ddp'_bmn| <= 2 ulp || (dy g)_bm * (x_bn - k_bn) r_bn ||_2               (fp16 / bf16)
+                    + 2 ulp_acc r_bn (sum_d |(dy g)_bm (x_bn - k_bn)| + |mu_bn - k_bn| sum_d |(dy g)_bm|)
+    The first term: two operand roundings of half an ulp of x's dtype each, independent over d,
+    so they add like a random walk (hence the 2-norm), with a safety factor of 2. The second:
+    the accumulator's (fp32; fp64 for fp64) roundings in the D-term dot and in the unshift
+    r (acc - (mu - k) c_dp), at the magnitude of its terms, a safety factor of 2 (this is the
+    whole of it for fp32 and fp64, whose operands are not rounded; with N = 1, where the exact
+    ds is 0, it is all there is to see). The fused backward then uses
+    ds' = ds - p dDelta, so, to first order and entry by entry (b: batch element, summed where
+    a gradient sums):
         dqueries_md: scale |g_d| sum_b dDelta_bm |(p @ xhat)_bmd|   (dW = scale g ds @ xhat)
         dxn_bnd:     scale sum_m p_bmn dDelta_bm |W_md|              (dxn = p^T dy + scale ds^T W)
         dweight_d:   sum_bn dxn_bnd |xhat_bnd|
         dx_bnd:      r_bn (|g_d| dxn_bnd + mean_d |g| dxn_bn + |xhat_bnd| mean_d |g| dxn_bn |xhat_bn|)
-                     (summed over the dims that x's view expands, which sum into one dx)
-        dbias:       0: the fused backward takes db = sum_m dy_m (sum_n p = 1) from the delta
+                     + r_bn |xhat_bnd| sum_m p_bmn |ddp'_bmn| / D
+                     (the last term: the row mean mean_d(g dxn xhat) is formed from sum_m p dp',
+                     which carries ddp' while the dx sweep's dxn does not; summed over the dims
+                     that x's view expands, which sum into one dx)
+        dbias:       0: the fused backward takes db = sum_m dy (sum_n p = 1) from the delta
                      kernel and never sums dxn for it.
     That error is invisible next to PyTorch's own where the score-path gradients are large, and
     dominates where they are structurally ~0 (dy constant along D, e.g. y.sum().backward(), with
-    g ~ 1: dp' = sum_d g xhat ~ 0; a (near) one-hot softmax; a single live token). Until
-    2026-12-01 each gradient took the product of the maxima of these factors, summed over the
-    queries too: in bf16 that exceeded the gradients themselves (a zeroed dqueries passed)."""
+    g ~ 1; a (near) one-hot softmax; a single live token). Until 2026-12-01 each gradient took
+    the product of the maxima of these factors, summed over the queries too, with dDelta
+    estimated as 8 ulp max_n || dy g xhat_n ||_2: in bf16 that exceeded the gradients
+    themselves (a zeroed dqueries passed)."""
     d, m = x.shape[-1], q.shape[0]
     scale = d ** -0.5 if scale is None else scale
     x64 = x.double()
     g64 = g.double() if g is not None else torch.ones(d, dtype=torch.float64, device=x.device)
+    b64 = b.double() if b is not None else None
     xhat = torch.nn.functional.layer_norm(x64, (d,), eps=eps)                  # (..., N, D)
-    dyg = dy.double().expand(*x.shape[:-2], m, d) * g64                        # (..., M, D)
-    norms = torch.sqrt(torch.einsum("...md,...nd->...mn", dyg ** 2, xhat ** 2))
+    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt().unsqueeze(-1)           # (..., N, 1)
+    k = x64[..., :16].mean(-1, keepdim=True)                                   # the kernels' shift
+    dy64 = dy.double().expand(*x.shape[:-2], m, d)
+    dyg = dy64 * g64                                                           # (..., M, D)
+    acc_eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    ddp = 2 * acc_eps * rstd.squeeze(-1).unsqueeze(-2) * (
+        torch.einsum("...md,...nd->...mn", dyg.abs(), (x64 - k).abs())
+        + dyg.abs().sum(-1, keepdim=True) * (x64.mean(-1) - k.squeeze(-1)).abs().unsqueeze(-2))
+    if x.dtype in (torch.float16, torch.bfloat16):
+        ddp = ddp + 2 * torch.finfo(x.dtype).eps * torch.sqrt(
+            torch.einsum("...md,...nd->...mn", dyg ** 2, ((x64 - k) * rstd) ** 2))  # (..., M, N)
     if mask is not None:
-        norms = norms.masked_fill(~mask.unsqueeze(-2), 0.0)
-    ddelta = 8 * torch.finfo(x.dtype).eps * norms.amax(-1)                     # (..., M)
-    p = reference.patch_merger_weights(x64, q.double(), g64,
-                                       b.double() if b is not None else None, eps=eps,
-                                       scale=scale, mask=mask)                  # (..., M, N)
+        ddp = ddp.masked_fill(~mask.unsqueeze(-2), 0.0)
+    p = reference.patch_merger_weights(x64, q.double(), g64, b64, eps=eps, scale=scale,
+                                       mask=mask)                               # (..., M, N)
+    y_true = reference.patch_merger(x64, q.double(), g64, b64, eps=eps, scale=scale, mask=mask)
+    ddelta = ((dy64 * (y.double() - y_true)).sum(-1).abs()
+              + (p * ddp).sum(-1))                                             # (..., M)
     lead = tuple(range(x.dim() - 2))
     dq = scale * g64.abs() * ddelta.unsqueeze(-1) * (p @ xhat).abs()           # (..., M, D)
     dxn = scale * torch.einsum("...mn,md->...nd", p * ddelta.unsqueeze(-1),
                                q.double().abs())                               # (..., N, D)
     gdxn = g64.abs() * dxn
-    rstd = (x64.var(-1, unbiased=False) + eps).rsqrt().unsqueeze(-1)           # (..., N, 1)
     dx = rstd * (gdxn + gdxn.mean(-1, keepdim=True)
-                 + xhat.abs() * (gdxn * xhat.abs()).mean(-1, keepdim=True))    # (..., N, D)
+                 + xhat.abs() * (gdxn * xhat.abs()).mean(-1, keepdim=True)
+                 + xhat.abs() * (p * ddp).sum(-2).unsqueeze(-1) / d)           # (..., N, D)
     expanded = tuple(i for i in range(x.dim()) if x.stride(i) == 0 and x.shape[i] > 1)
     if expanded:
         dx = dx.sum(expanded)
@@ -322,9 +311,8 @@ def check_op(x, q, g, b, *, dy=None, mask=None, scale=None, eps=1e-5, view=None,
                     + weights_allowance(view(x), q, g, eps=eps, scale=scale, mask=mask))
     if grads is None:
         return out
-    for extra in (single_live_token_allowance, delta_noise_allowance):
-        for k_, v_ in extra(view(x), q, g, b, dy_t, **kw_a).items():
-            allowance[k_] = allowance.get(k_, 0.0) + v_
+    for k_, v_ in delta_noise_allowance(view(x), q, g, b, dy_t, y=y.detach(), **kw_a).items():
+        allowance[k_] = allowance.get(k_, 0.0) + v_
     for name, gr, gb, gf, gt, t in zip(("dx", "dqueries", "dweight", "dbias"), grads, grads_b,
                                        grads_f, grads_t, (x, q, g, b)):
         if t is None:
@@ -439,7 +427,7 @@ def _through_parameter_view(which, leaf, view, x, q, g, b, dy, per_entry):
     (y, grad), (y_b, grad_b), (y_t, grad_t) = (run(triton_op, torch.float32),
                                                run(reference.patch_merger, torch.float32),
                                                run(reference.patch_merger, torch.float64))
-    extra = delta_noise_allowance(x, q, g, b, dy, eps=1e-5, scale=None, mask=None)
+    extra = delta_noise_allowance(x, q, g, b, dy, eps=1e-5, scale=None, mask=None, y=y)
     name = "dqueries" if which == "queries" else "d" + which
     assert_rule("y", y, y_b, y_t)
     assert_rule(name, grad, grad_b, grad_t, extra=per_entry * extra[name])

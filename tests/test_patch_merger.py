@@ -6,7 +6,7 @@ reference at dtype (the baseline), and the reference in float64 (the truth); see
 
 import pytest
 import torch
-from test_mask_strides_weights import delta_noise_allowance, single_live_token_allowance
+from test_mask_strides_weights import delta_noise_allowance
 from tolerance import assert_close_to_ref
 
 import pm_kernels
@@ -84,12 +84,10 @@ def check_against_reference(x, q, g, b, dy, ours, mask=None, scale=None, eps=1e-
     y, grads = grads_of(ours, dy, x, q, g, b)
     if cpp_check:
         assert_cpp_agrees_with_truth(x, q, g, b, dy, mask=mask, scale=scale, eps=eps)
-    # The fused backward's Delta comes from the stored y (flash-attention's preprocess): the two
-    # derived allowances for the rounding noise that costs (see test_mask_strides_weights).
-    allowance = {}
-    for extra in (single_live_token_allowance, delta_noise_allowance):
-        for k, v in extra(x, q, g, b, dy, eps=eps, scale=scale, mask=mask).items():
-            allowance[k] = allowance.get(k, 0.0) + v
+    # The fused backward's Delta comes from the stored y (flash-attention's preprocess): the
+    # derived allowance for the rounding noise that costs (see test_mask_strides_weights).
+    allowance = delta_noise_allowance(x, q, g, b, dy, eps=eps, scale=scale, mask=mask,
+                                      y=y.detach())
     y_base, grads_base = ref(None)
     y_true, grads_true = ref(torch.float64)
     assert y.dtype == x.dtype

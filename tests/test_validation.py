@@ -285,3 +285,28 @@ def test_backend_name_is_validated():
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
         pm_kernels.set_backend("cuda")
     assert pm_kernels.get_backend() in ("auto", "triton", "reference")
+
+
+@pytest.mark.parametrize("value, expected", [("", "auto"), (" Reference ", "reference"),
+                                             ("trition", None)], ids=["empty", "case", "typo"])
+def test_backend_environment_variable(value, expected):
+    """PM_KERNELS_BACKEND is read at import: empty means auto (env files and CI templates set
+    empty values), case and blanks do not matter, and a typo is an error naming the variable
+    instead of a silent "auto"."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PM_KERNELS_BACKEND=value)
+    run = subprocess.run([sys.executable, "-c", "import pm_kernels; print(pm_kernels.get_backend())"],
+                         env=env, capture_output=True, text=True)
+    if expected is None:
+        assert run.returncode != 0 and "PM_KERNELS_BACKEND must be one of" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == expected
+
+
+def test_module_sizes_accept_numpy_integers():
+    np = pytest.importorskip("numpy")
+    mod = pm_kernels.PatchMerger(np.int64(8), np.int32(3))
+    assert mod.queries.shape == (3, 8) and type(mod.dim) is int
