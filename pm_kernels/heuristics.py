@@ -129,7 +129,7 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # sm_90 and reads ptxas's register and spill counts. The numbers in the tables are registers per
 # thread, worst case over the audit's specialisations (N, M divisible by 16 or not, M = 1, split
 # or not) and argument variants (affine / fp32 parameters / mask / no affine), "sm_80 / sm_90",
-# Triton 3.6 + ptxas 12.8 (audit of 2026-12-01). The kernels are memory-bound; the rules, in
+# Triton 3.6 + ptxas 12.8 (audit of 2026-12-01, night). The kernels are memory-bound; the rules, in
 # order of priority:
 #   1. No register spills. Spill traffic goes to local memory on top of the DRAM stream the
 #      kernel is bound by. ptxas picks its own register budget (unless the tile sets maxnreg,
@@ -166,8 +166,8 @@ def _split(b: int, n: int, block_n: int, sms: int, max_split: int | None = None)
 # backward (4 B, at 252-255 registers; not a paper M). The BLOCK_M = 32 / 128 forward and the
 # BLOCK_M = 256 backward tiles were re-chosen for that when the forward began to save
 # statistics. fp32 (FMA dots) needs smaller tiles; the backward spills at BLOCK_M = 256
-# (388-392 B) and 4 B in some BLOCK_M = 32 variants on sm_90 -- large M is better run in
-# bf16.
+# (388-392 B) and 4-8 B in some BLOCK_M = 32 variants on sm_80/100/120 -- large M is better
+# run in bf16.
 # Shared memory stays far below every per-block limit (<= 66 KB, fp32 at BLOCK_M = 256; the
 # audit checks sm_80's 163 KB, sm_86/89/120's 99 KB and sm_90/100's 227 KB).
 #
@@ -184,15 +184,15 @@ _FORWARD_TILES = {
     16: ((128, 32, 8, 3, 128), (32, 32, 4, 1)),   # 128 / 124-128 | 153-168 / 154-166
     32: ((64, 32, 8, 2), (32, 16, 4, 1)),     # 113-128 / 120-128 | 158-168 / 158-167
     64: ((32, 32, 8, 2), (32, 16, 4, 1)),     # 104-128 / 104-125 | 218-234 / 210-223
-    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 120-152 / 106-128 | 110-128 / 106-128
-    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-116 | 188-214 / 171-194
+    128: ((16, 16, 4, 1), (16, 16, 8, 1)),    # 120-152 / 106-128 | 110-128 / 103-128
+    256: ((16, 32, 16, 1), (16, 32, 8, 1)),   # 106-128 / 98-116 | 186-214 / 173-193
 }
 _BACKWARD_TILES = {
-    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 148-168 / 142-168 | 76-127 / 98-128
-    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 214-247 / 209-243 | 168-212 / 157-168, 4 B
-    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 219-247 / 195-254 | 237-255 / 213-239
-    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 252-255, 4 B / 213-241 | 224-245 / 213-232
-    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 206-254 / 174-220 | 255, spills 388 / 392 B
+    16: ((32, 64, 4, 1, 168), (16, 16, 8, 1)),  # 144-168 / 144-168 | 74-128 / 80-128
+    32: ((64, 32, 4, 1), (32, 16, 4, 1)),     # 210-243 / 210-238 | 168-212, 4 B / 154-168
+    64: ((32, 32, 4, 1), (16, 16, 4, 1)),     # 217-248 / 197-250 | 237-255 / 213-244
+    128: ((16, 32, 4, 1), (16, 16, 8, 1)),    # 252-255, 4 B / 213-239 | 222-245 / 211-230
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),    # 204-252 / 174-220 | 255, spills 388 / 392 B
 }
 
 
